@@ -1,0 +1,35 @@
+# One command each: `make train` sets up and trains, `make test` sets up and runs the tests.
+# The virtual environment is .venv; it is (re)built when pyproject.toml changes.
+PYTHON ?= python3
+# torch 2.14.1 installs from local disk on the team's machines; any release the pyproject range admits works.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+VENV := .venv
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: venv train test test-fast lint slurm-test clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q $(TORCH)
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/accelerate launch vae_dist/train.py --config configs/mnist.yaml $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow and not distributed" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vae_dist tests
+	$(VENV)/bin/ruff format --check vae_dist tests
+
+clean:
+	rm -rf $(VENV) runs wandb .pytest_cache

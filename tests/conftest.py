@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny MNIST-format IDX files written by the tests themselves (no network, no ../shared)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_idx(folder: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write <prefix>-images-idx3-ubyte and <prefix>-labels-idx1-ubyte in the published IDX format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = images.shape[0]
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+        struct.pack(">IIII", 0x803, n, 28, 28) + images.to(torch.uint8).numpy().tobytes()
+    )
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(
+        struct.pack(">II", 0x801, n) + labels.to(torch.uint8).numpy().tobytes()
+    )
+
+
+def fake_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 28x28 uint8 images: each label draws a bright bar at its own place, plus noise, so a VAE can learn them."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+    for i, y in enumerate(labels.tolist()):
+        images[i, 2 + 2 * y : 5 + 2 * y, 4:24] = 255
+    return images, labels
+
+
+def make_mnist(root: Path, n_train: int = 400, n_test: int = 150, folder: str = "MNIST") -> Path:
+    raw = root / folder / "raw"
+    write_idx(raw, "train", *fake_digits(n_train, 0))
+    write_idx(raw, "t10k", *fake_digits(n_test, 1))
+    return root
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    """A data.root holding tiny MNIST IDX files: 400 train, 150 test examples."""
+    return make_mnist(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_overrides(data_root: Path, tmp_path: Path) -> list[str]:
+    """Overrides for a seconds-long CPU run on the tiny data."""
+    return [
+        f"data.root={data_root}",
+        "data.download=false",
+        f"run.dir={tmp_path / 'run'}",
+        "train.epochs=2",
+        "train.batch_size=50",
+        "train.eval_batch_size=64",
+        "model.hidden_dims=[64, 32]",
+        "tracking.mode=off",
+        "tracking.log_every_steps=2",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process training starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train_in_process(overrides: list[str]):
+    """Build and fit a Trainer in this process; returns (trainer, summary)."""
+    from vae_dist.config import load_config
+    from vae_dist.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    return trainer, trainer.fit()

@@ -1,0 +1,345 @@
+"""One typed config tree: YAML file in configs/, overridden on the command line as section.key=value.
+
+Every field carries its unit or its choices in the trailing comment. `load_config` checks types,
+choices and ranges of every key and raises one `ConfigError` that lists all problems, each a
+sentence naming the key, before anything is written to disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class _YAML12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so `mode: off` stays the string "off"."""
+
+
+_YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# ... and 1.2 floats: 2e-3 is a number (YAML 1.1 wants 2.0e-3).
+_YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_YAML12Loader)
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and what is allowed."""
+
+
+def _check(value: Any, *, ge: float | None = None, gt: float | None = None) -> str | None:
+    """Range check for numbers; returns what is allowed when `value` is out of range."""
+    if value is None:
+        return None
+    if ge is not None and value < ge:
+        return f"must be >= {ge}"
+    if gt is not None and value <= gt:
+        return f"must be > {gt}"
+    return None
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # folder holding <Dataset>/raw/*-ubyte files (torchvision layout)
+    dataset: Literal["mnist", "fashion_mnist", "kmnist"] = "mnist"
+    binarize: Literal["none", "static", "dynamic"] = "none"  # none: grayscale targets in [0, 1]
+    download: bool = True  # try torchvision's download when the files are missing
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class ModelConfig:
+    z_dim: int = 2  # latent dimensions
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256])  # encoder widths; decoder mirrors
+    objective: Literal["elbo", "iwae"] = "elbo"  # training bound: ELBO, or IWAE (Burda et al. 2016)
+    k: int = 1  # importance samples per example for objective=iwae (elbo uses 1)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.z_dim < 1:
+            out.append(f"model.z_dim={self.z_dim}: must be an integer >= 1 (the reference uses 2).")
+        if not self.hidden_dims or any(h < 1 for h in self.hidden_dims):
+            out.append(
+                f"model.hidden_dims={self.hidden_dims}: must be a non-empty list of integers >= 1, e.g. [512, 256]."
+            )
+        if self.k < 1:
+            out.append(f"model.k={self.k}: must be an integer >= 1.")
+        if self.objective == "elbo" and self.k != 1:
+            out.append(f"model.k={self.k}: only objective=iwae uses k; set model.objective=iwae or model.k=1.")
+        return out
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # Adam peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam (beta1, beta2)
+    weight_decay: float = 0.0  # Adam L2 penalty
+    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
+    schedule: Literal["constant", "cosine", "step"] = "constant"  # learning rate after warm-up
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to lr
+    step_every: int = 10000  # schedule=step: multiply lr by step_gamma every this many optimizer steps
+    step_gamma: float = 0.5  # schedule=step: decay factor
+    min_lr_ratio: float = 0.0  # schedule=cosine: final lr as a fraction of lr
+
+    def problems(self) -> list[str]:
+        out = []
+        for key, msg in (
+            ("lr", _check(self.lr, gt=0)),
+            ("weight_decay", _check(self.weight_decay, ge=0)),
+            ("grad_clip", _check(self.grad_clip, ge=0)),
+            ("warmup_steps", _check(self.warmup_steps, ge=0)),
+            ("step_every", _check(self.step_every, ge=1)),
+            ("step_gamma", _check(self.step_gamma, gt=0)),
+            ("min_lr_ratio", _check(self.min_lr_ratio, ge=0)),
+        ):
+            if msg:
+                out.append(f"optim.{key}={getattr(self, key)}: {msg}.")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append(f"optim.betas={self.betas}: must be two numbers in [0, 1), e.g. [0.9, 0.999].")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40  # passes over the training split
+    max_steps: int | None = None  # optional cap on optimizer steps; stops early when reached
+    batch_size: int = 100  # global batch: examples per optimizer step, over all processes
+    micro_batch_size: int | None = None  # examples per process per forward; default batch_size / processes
+    eval_batch_size: int = 1000  # examples per evaluation chunk (memory only; never changes the result)
+    seed: int = 0  # fixes init, data order, noise and binarization
+    precision: Literal["no", "fp16", "bf16"] = "no"  # mixed precision; loss terms stay fp32
+    max_nonfinite: int = 3  # consecutive non-finite losses before the run stops with an error
+    resume: str = "auto"  # auto: newest valid checkpoint in run.dir | none | path to a checkpoint dir
+    compile: bool = False  # torch.compile the model
+    cpu_threads: int | None = None  # torch threads per process on CPU; None = usable cores / local processes
+
+    def problems(self) -> list[str]:
+        out = []
+        for key, msg in (
+            ("epochs", _check(self.epochs, ge=1)),
+            ("max_steps", _check(self.max_steps, ge=1)),
+            ("batch_size", _check(self.batch_size, ge=1)),
+            ("micro_batch_size", _check(self.micro_batch_size, ge=1)),
+            ("eval_batch_size", _check(self.eval_batch_size, ge=1)),
+            ("max_nonfinite", _check(self.max_nonfinite, ge=1)),
+            ("cpu_threads", _check(self.cpu_threads, ge=1)),
+        ):
+            if msg:
+                out.append(f"train.{key}={getattr(self, key)}: {msg}.")
+        return out
+
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Micro-batches each process accumulates per optimizer step: global / (micro x processes)."""
+        micro = self.micro_batch_size or self.batch_size // num_processes
+        if micro < 1 or self.batch_size % (micro * num_processes):
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by train.micro_batch_size={micro} x "
+                f"{num_processes} processes; choose a batch_size that is a multiple of "
+                f"{(micro or 1) * num_processes}, or a micro_batch_size that divides {self.batch_size // num_processes or 1}."
+            )
+        return self.batch_size // (micro * num_processes)
+
+    def micro_batch(self, num_processes: int) -> int:
+        """Examples per process per forward pass."""
+        return self.batch_size // (num_processes * self.accumulation_steps(num_processes))
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # save every this many optimizer steps; 0 = off
+    every_epochs: int = 1  # save at the end of every this many epochs; 0 = off (the end is always saved)
+    keep: int = 2  # newest checkpoints kept under run.dir/checkpoints
+
+    def problems(self) -> list[str]:
+        out = []
+        for key, msg in (
+            ("every_steps", _check(self.every_steps, ge=0)),
+            ("every_epochs", _check(self.every_epochs, ge=0)),
+            ("keep", _check(self.keep, ge=1)),
+        ):
+            if msg:
+                out.append(f"checkpoint.{key}={getattr(self, key)}: {msg}.")
+        return out
+
+
+@dataclass
+class TrackingConfig:
+    mode: Literal["auto", "online", "offline", "off"] = "auto"  # auto: online with W&B credentials, else offline
+    project: str = "vae_dist"  # W&B project
+    entity: str | None = None  # W&B team or user; None = your default entity
+    name: str | None = None  # W&B run name; None = the run directory's name
+    group: str | None = None  # W&B group
+    tags: list[str] = field(default_factory=list)  # W&B tags
+    log_every_steps: int = 50  # optimizer steps between train scalars (and the only host sync for them)
+    images_every_epochs: int = 1  # epochs between image panels and PNG figures; 0 = only at the end
+    log_model: bool = True  # upload the exported model as a W&B artifact at the end
+
+    def problems(self) -> list[str]:
+        out = []
+        for key, msg in (
+            ("log_every_steps", _check(self.log_every_steps, ge=1)),
+            ("images_every_epochs", _check(self.images_every_epochs, ge=0)),
+        ):
+            if msg:
+                out.append(f"tracking.{key}={getattr(self, key)}: {msg}.")
+        return out
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # everything a run writes goes under this folder
+
+    def problems(self) -> list[str]:
+        return [] if self.dir else ["run.dir is empty: give the folder the run writes to, e.g. run.dir=runs/mnist."]
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Returns (ok, value) with ints widened to float where a float is expected; nothing else is converted."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return value in get_args(tp), value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return type(None) in get_args(tp), None
+        for arg in get_args(tp):
+            if arg is not type(None):
+                ok, v = _coerce(value, arg)
+                if ok:
+                    return True, v
+        return False, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        items = [_coerce(v, get_args(tp)[0]) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return True, float(value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True, str(value)  # paths like run.dir=2024 stay strings
+    return isinstance(value, tp), value
+
+
+def _build_section(name: str, values: dict[str, Any], errors: list[str]) -> Any:
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            errors.append(f"{name}.{key} is not a config key; {name} has: {', '.join(hints)}.")
+            continue
+        ok, coerced = _coerce(value, hints[key])
+        if not ok:
+            errors.append(f"{name}.{key}={value!r}: must be {_type_name(hints[key])}.")
+            continue
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.epochs=3' -> ('train', 'epochs', 3); the value is read as YAML, so 3 is an int and [1, 2] a list."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value, e.g. train.epochs=3.")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = read_yaml(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply section.key=value overrides, check everything, return the Config."""
+    tree: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist; pass one of the files in configs/, e.g. --config configs/mnist.yaml."
+            )
+        loaded = read_yaml(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections (data, model, ...), not {type(loaded).__name__}."
+            )
+        for section, values in loaded.items():
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value.")
+            tree[section] = dict(values or {})
+    for text in overrides:
+        section, key, value = parse_override(text)
+        tree.setdefault(section, {})[key] = value
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Build and check a Config from {section: {key: value}} (a YAML file, or a saved run's config)."""
+    errors: list[str] = []
+    sections = {}
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            errors.append(f"{section} is not a config section; the sections are: {', '.join(SECTIONS)}.")
+            continue
+        sections[section] = _build_section(section, values, errors)
+    if errors:
+        raise ConfigError(" ".join(errors))
+    cfg = Config(**sections)
+    for section in SECTIONS:
+        errors.extend(getattr(cfg, section).problems())
+    if errors:
+        raise ConfigError(" ".join(errors))
+    return cfg
