@@ -24,18 +24,11 @@ from accelerate.utils import DataLoaderConfiguration
 from vae_dist.config import Config, ConfigError
 from vae_dist.console import Console
 from vae_dist.data import Split, index_loader, load_data, to_unit
+from vae_dist.evaluate import TERMS, evaluate_elbo, seed_for
 from vae_dist.model import VAE, loss_terms
 from vae_dist.tracking import MetricsFile, Tracker
 
-TERMS = ("loss", "elbo", "recon", "kl")
-
-
-def seed_for(seed: int, stream: int, index: int) -> int:
-    """A distinct 63-bit seed per (run seed, stream, step or chunk): streams never share noise."""
-    return ((seed * 1_000_003 + stream) * 1_000_000_007 + index) % (2**63)
-
-
-TRAIN_STREAM, EVAL_STREAM = 1, 2
+TRAIN_STREAM = 1  # noise stream id of training steps; evaluation uses EVAL_STREAM
 
 
 def build_state(cfg: Config) -> PartialState:
@@ -227,30 +220,18 @@ class Trainer:
             x = (u < x).float()
         return x, eps
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Test-split terms per example: fixed chunks dealt round-robin to processes, sums reduced.
-
-        Exact on any process count: each of the N test examples is counted once (no padding), and
-        chunk c's noise is seeded by c alone, so the number does not depend on who computes it."""
-        acc = self.accelerator
-        model = acc.unwrap_model(self.model)
-        model.eval()
-        B, N = self.cfg.train.eval_batch_size, self.test_images.shape[0]
-        sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64, device=acc.device)
-        gen = torch.Generator(device=acc.device)
-        for c in range(acc.process_index, math.ceil(N / B), acc.num_processes):
-            x = to_unit(self.test_images[c * B : (c + 1) * B])
-            gen.manual_seed(seed_for(self.cfg.train.seed, EVAL_STREAM, c))
-            eps = torch.randn(x.shape[0], self.k, self.cfg.model.z_dim, generator=gen, device=acc.device)
-            with acc.autocast():
-                terms = loss_terms(model, x, eps, self.cfg.model.objective)
-            sums[:-1] += torch.stack([terms[t].double().sum() for t in TERMS])
-            sums[-1] += x.shape[0]
-        model.train()
-        sums = acc.reduce(sums, reduction="sum")
-        assert int(sums[-1]) == N, f"evaluation counted {int(sums[-1])} of {N} test examples"
-        return {t: (sums[i] / sums[-1]).item() for i, t in enumerate(TERMS)}
+        """Test-split terms per example, exact on any process count (see vae_dist.evaluate)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return evaluate_elbo(
+            model,
+            self.test_images,
+            self.accelerator,
+            seed=self.cfg.train.seed,
+            batch_size=self.cfg.train.eval_batch_size,
+            k=self.k,
+            objective=self.cfg.model.objective,
+        )
 
     # ---------------------------------------------------------------- logging
     def _reset_window(self) -> None:
