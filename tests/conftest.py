@@ -82,3 +82,46 @@ def train_in_process(overrides: list[str]):
 
     trainer = Trainer(load_config(None, overrides))
     return trainer, trainer.fit()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, args: list[str], cwd: Path, timeout: float = 300, **kwargs):
+    """Run `args` (a script path or -m module, then its arguments) in `nproc` processes: plain python for
+    one, `accelerate launch --multi_gpu` (a real gloo group on the CPU) for more."""
+    import subprocess
+    import sys
+
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nproc),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            *args,
+        ]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, **kwargs)
+
+
+def load_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model.safetensors"))

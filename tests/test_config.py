@@ -76,7 +76,7 @@ def test_accumulation_arithmetic() -> None:
     assert load_config(None, ["train.batch_size=100"]).train.accumulation_steps(4) == 1
     with pytest.raises(ConfigError, match="not divisible"):
         load_config(None, ["train.batch_size=100", "train.micro_batch_size=30"]).train.accumulation_steps(1)
-    with pytest.raises(ConfigError, match="3 processes"):
+    with pytest.raises(ConfigError, match="over 3 processes; use a multiple of 3 \\(e.g. 99 or 102\\)"):
         load_config(None, ["train.batch_size=100"]).train.accumulation_steps(3)
 
 

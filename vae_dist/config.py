@@ -150,14 +150,22 @@ class TrainConfig:
 
     def accumulation_steps(self, num_processes: int) -> int:
         """Micro-batches each process accumulates per optimizer step: global / (micro x processes)."""
-        micro = self.micro_batch_size or self.batch_size // num_processes
-        if micro < 1 or self.batch_size % (micro * num_processes):
+        B, P, m = self.batch_size, num_processes, self.micro_batch_size
+        if m is None:
+            if B % P:
+                raise ConfigError(
+                    f"train.batch_size={B} cannot be split evenly over {P} processes; use a multiple of {P} "
+                    f"(e.g. {max(P, B // P * P)} or {(B // P + 1) * P}), or set train.micro_batch_size."
+                )
+            return 1
+        if B % (m * P):
+            divisors = [d for d in range(1, B // P + 1) if (B // P) % d == 0] if B % P == 0 else []
             raise ConfigError(
-                f"train.batch_size={self.batch_size} is not divisible by train.micro_batch_size={micro} x "
-                f"{num_processes} processes; choose a batch_size that is a multiple of "
-                f"{(micro or 1) * num_processes}, or a micro_batch_size that divides {self.batch_size // num_processes or 1}."
+                f"train.batch_size={B} is not divisible by train.micro_batch_size={m} x {P} processes = {m * P}; "
+                f"use a batch_size that is a multiple of {m * P} (e.g. {max(m * P, B // (m * P) * m * P)})"
+                + (f", or a micro_batch_size from {divisors}." if divisors else ".")
             )
-        return self.batch_size // (micro * num_processes)
+        return B // (m * P)
 
     def micro_batch(self, num_processes: int) -> int:
         """Examples per process per forward pass."""

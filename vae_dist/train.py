@@ -3,8 +3,9 @@
     accelerate launch vae_dist/train.py --config configs/mnist.yaml data.root=../shared/data
     python -m vae_dist.train --config configs/smoke.yaml train.epochs=2
 
-Overrides are section.key=value (see README, "Configuration"). Exit codes: 0 done; 2 bad config or
-data (one line on stderr naming the problem, nothing written).
+Overrides are section.key=value (see README, "Configuration"). Exit codes: 0 done; 1 training
+stopped (non-finite loss, failed checkpoint write); 2 bad config, data or checkpoint (one line on
+stderr naming the problem); 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 
-EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1  # training stopped: non-finite loss, or a checkpoint could not be written
+EXIT_BAD_INPUT = 2  # bad config, data, checkpoint or launch: nothing was trained
+EXIT_PREEMPTED = 75  # a signal (SIGTERM, SIGINT, SIGUSR1) stopped it after a checkpoint: resume with train.resume=auto
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,18 +39,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from vae_dist.config import ConfigError, load_config
-    from vae_dist.data import DataError
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from vae_dist.trainer import Trainer
-
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError) as err:
+    except ConfigError as err:  # reported before torch is even imported
         print(f"vae-train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    trainer.fit()
-    return 0
+
+    from vae_dist.checkpoint import CheckpointError
+    from vae_dist.data import DataError
+    from vae_dist.trainer import LaunchError, NonFiniteLossError, Trainer
+
+    try:
+        trainer = Trainer(cfg)
+    except (ConfigError, DataError, CheckpointError, LaunchError) as err:
+        print(f"vae-train: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        summary = trainer.fit()
+    except (CheckpointError, NonFiniteLossError) as err:
+        print(f"vae-train: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -1,26 +1,44 @@
 """The training loop: Accelerate around the VAE/ELBO core.
 
 Distributed, precision and rank concerns are settled in `Trainer.__init__`; `fit` reads like the
-algorithm: for each epoch, for each global batch, take an optimizer step; evaluate; save.
+algorithm: for each epoch, for each global batch, take an optimizer step; evaluate; checkpoint.
 
 Noise and determinism: every random draw of a training step (the reparameterisation noise eps and,
 with data.binarize=dynamic, the Bernoulli pixels) is drawn for the *whole global batch* from a
 generator seeded by (train.seed, optimizer step), and each process takes the slice of the examples
 it holds. So an example gets the same noise whether it lands on rank 0 or 3, in micro-batch 0 or 1:
-the process count, micro-batch size and accumulation steps change speed, never the result.
+the process count, micro-batch size and accumulation steps change speed, never the result. The
+data order is Accelerate's seedable sampler (train.seed + epoch), so a resumed run replays it exactly.
+
+Rank discipline: every method runs on all ranks; only `self.is_main` writes files, prints (the
+Console of other ranks is disabled) and talks to the tracker.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
 import time
+import warnings
 from pathlib import Path
 
+import accelerate
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration
 
+import vae_dist
+from vae_dist.checkpoint import (
+    CheckpointError,
+    check_model_shapes,
+    checkpoints_dir,
+    load_checkpoint,
+    resolve_resume,
+    write_checkpoint,
+)
 from vae_dist.config import Config, ConfigError
 from vae_dist.console import Console
 from vae_dist.data import Split, index_loader, load_data, to_unit
@@ -29,6 +47,15 @@ from vae_dist.model import VAE, loss_terms
 from vae_dist.tracking import MetricsFile, Tracker
 
 TRAIN_STREAM = 1  # noise stream id of training steps; evaluation uses EVAL_STREAM
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class LaunchError(RuntimeError):
+    """The launcher asked for several processes but this one is alone: refuse rather than train N copies."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/inf for train.max_nonfinite consecutive optimizer steps."""
 
 
 def build_state(cfg: Config) -> PartialState:
@@ -37,16 +64,24 @@ def build_state(cfg: Config) -> PartialState:
     state = PartialState(cpu=not torch.cuda.is_available())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and state.num_processes == 1:
-        raise RuntimeError(
+        raise LaunchError(
             f"the launcher set WORLD_SIZE={world} but only one process joined the group, so {world} "
             "independent copies would train and overwrite each other's files. On a CPU machine launch "
             "with `accelerate launch --multi_gpu --num_processes N` (not --cpu)."
+        )
+    if os.environ.get("ACCELERATE_USE_CPU") == "True" and "MASTER_ADDR" in os.environ and state.num_processes == 1:
+        # `accelerate launch --cpu --num_processes N` (N > 1) exports MASTER_ADDR for an MPI launcher
+        # and then starts one plain process: the user asked for N and would silently get 1.
+        raise LaunchError(
+            "`accelerate launch --cpu --num_processes N` starts a single process without MPI. For N CPU "
+            "processes in a gloo group use `accelerate launch --multi_gpu --num_processes N` (it uses the CPU "
+            "when there is no GPU); for one process drop --num_processes."
         )
     if state.device.type == "cpu":
         # `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core
         # machine's speed; share the usable cores between this machine's processes instead.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes if state.num_processes > 1 else 1))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
         torch.set_num_threads(cfg.train.cpu_threads or max(1, cores // local))
     return state
 
@@ -66,6 +101,19 @@ def lr_lambda(cfg: Config, total_steps: int):
         return 1.0
 
     return f
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before training, not at the first save, when run.dir cannot be written."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"run.dir={run_dir} cannot be written ({err.strerror or err}); choose a folder you can write to."
+        ) from err
 
 
 class Trainer:
@@ -125,70 +173,62 @@ class Trainer:
         self.k = cfg.model.k
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # epochs completed
-        self.step_in_epoch = 0
+        self.step_in_epoch = 0  # optimizer steps taken in the current epoch
+        self.best_test_elbo = math.inf
+        self.fp16_skipped = 0  # optimizer steps the fp16 GradScaler skipped (inf/NaN gradients)
+        self.tracker_run_id: str | None = None
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
         self.tracker = Tracker()
-        self._reset_window()
+        self.stop_signal: int | None = None
+        # On NCCL the stop flag is agreed over a gloo group, so the check never syncs the GPU stream.
+        self.flag_group = dist.new_group(backend="gloo") if P > 1 and dist.get_backend() != "gloo" else None
+        self.window = torch.zeros(len(TERMS), device=acc.device)  # train terms summed since the last log
+        self.window_count = 0
+        self.window_start = (time.perf_counter(), 0)
+        # Per-step finiteness of (recon, kl) since the last health check, written on the device and
+        # read at the logging interval: no host sync per step.
+        self.finite = torch.ones(cfg.tracking.log_every_steps, 2, dtype=torch.bool, device=acc.device)
+        self.checked_step = 0
+        self.nonfinite_run = 0  # consecutive non-finite steps up to checked_step
+
+        if self.is_main:
+            check_writable(self.run_dir)
+        self.resume()
 
     # ---------------------------------------------------------------- the algorithm
     def fit(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         self.prepare_run_dir()
+        handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         self.console.start(cfg.train.epochs, self.steps_per_epoch, self.epoch, self.step_in_epoch)
         t0, start_step = time.perf_counter(), self.step
-        best = math.inf
         test = {}
-        while self.epoch < cfg.train.epochs and not self.finished():
-            self.console.new_epoch(self.epoch, self.steps_per_epoch)
-            self.console.advance_steps(self.step_in_epoch)
-            for micro, idx in enumerate(self.epoch_batches()):
-                self.train_step(idx, micro % self.accum)
-                if acc.sync_gradients:
-                    self.step += 1
-                    self.step_in_epoch += 1
-                    self.scheduler.step()
-                    if self.step % cfg.tracking.log_every_steps == 0:
-                        self.log_train()
-                    if self.finished():
-                        break
-            if self.step_in_epoch == self.steps_per_epoch:  # a whole epoch, not a max_steps stop
-                self.epoch += 1
-                self.step_in_epoch = 0
-            test = self.evaluate()
-            best = min(best, test["elbo"])
-            self.log_test(test)
-        self.console.stop()
+        try:
+            while self.epoch < cfg.train.epochs and not self.reached_max_steps():
+                self.console.new_epoch(self.epoch, self.steps_per_epoch)
+                self.console.advance_steps(self.step_in_epoch)
+                for micro, idx in enumerate(self.epoch_batches()):
+                    self.train_step(idx, micro % self.accum)
+                    if acc.sync_gradients:
+                        self.after_optimizer_step()
+                        if self.stop_requested():
+                            return self.preempt()
+                        if self.reached_max_steps():
+                            break
+                if self.step_in_epoch == self.steps_per_epoch:  # a whole epoch, not a max_steps stop
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                test = self.end_epoch()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.console.stop()
         elapsed = time.perf_counter() - t0
+        if not test:  # resumed from the final checkpoint of a finished run: nothing left to train
+            test = self.evaluate()
+        self.save_checkpoint()  # always at the end (replaces an epoch checkpoint of the same step)
         self.export_model()
-        summary = {
-            "final_test_elbo": test.get("elbo", math.nan),
-            "best_test_elbo": best,
-            "steps": self.step,
-            "seconds": elapsed,
-            "examples_per_s": (self.step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9),
-        }
-        self.console.table(
-            "vae_dist run",
-            [
-                ("final test elbo", f"{summary['final_test_elbo']:.2f} nats"),
-                ("best test elbo", f"{best:.2f} nats"),
-                ("optimizer steps", str(self.step)),
-                ("time", f"{elapsed:.1f} s"),
-                ("throughput", f"{summary['examples_per_s']:.0f} examples/s"),
-                ("run directory", str(self.run_dir)),
-            ],
-        )
-        acc.end_training()
-        return summary
-
-    def finished(self) -> bool:
-        return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
-
-    def epoch_batches(self):
-        """This process's micro-batches of example indices for the current epoch, from the resume point."""
-        self.loader.set_epoch(self.epoch)  # order = permutation seeded by train.seed + epoch
-        skip = self.step_in_epoch * self.accum
-        return self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        return self.summary(test, elapsed, start_step)
 
     def train_step(self, idx: torch.Tensor, micro: int) -> None:
         """One micro-batch: forward, backward; on the last micro-batch of a step, clip and update."""
@@ -203,8 +243,11 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         # Summed on the device; read only at the logging interval (no host sync per step).
-        self.window += torch.stack([terms[t].detach().sum() for t in TERMS])
+        sums = torch.stack([terms[t].detach().sum() for t in TERMS])
+        self.window += sums
         self.window_count += x.shape[0]
+        row = self.finite[(self.step - self.checked_step) % self.finite.shape[0]]
+        row &= torch.isfinite(sums[2:])  # (recon, kl) of every micro-batch of this step
 
     def batch(self, idx: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [0, 1] and noise for this process's slice of the current global batch."""
@@ -220,6 +263,37 @@ class Trainer:
             x = (u < x).float()
         return x, eps
 
+    def after_optimizer_step(self) -> None:
+        cfg = self.cfg
+        self.step += 1
+        self.step_in_epoch += 1
+        self.scheduler.step()
+        if cfg.train.precision == "fp16" and self.accelerator.optimizer_step_was_skipped:
+            self.fp16_skipped += 1  # a Python bool: GradScaler.step already synced to decide
+        if self.step % cfg.tracking.log_every_steps == 0:
+            self.check_health()
+            self.log_train()
+        if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+            self.save_checkpoint()
+
+    def end_epoch(self) -> dict[str, float]:
+        test = self.evaluate()
+        self.best_test_elbo = min(self.best_test_elbo, test["elbo"])
+        self.log_test(test)
+        every = self.cfg.checkpoint.every_epochs
+        if every and self.step_in_epoch == 0 and self.epoch % every == 0 and self.epoch < self.cfg.train.epochs:
+            self.save_checkpoint()  # the last epoch is saved by fit() itself
+        return test
+
+    def reached_max_steps(self) -> bool:
+        return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
+
+    def epoch_batches(self):
+        """This process's micro-batches of example indices for the current epoch, from the resume point."""
+        self.loader.set_epoch(self.epoch)  # order = permutation seeded by train.seed + epoch
+        skip = self.step_in_epoch * self.accum
+        return self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+
     def evaluate(self) -> dict[str, float]:
         """Test-split terms per example, exact on any process count (see vae_dist.evaluate)."""
         model = self.accelerator.unwrap_model(self.model)
@@ -233,12 +307,51 @@ class Trainer:
             objective=self.cfg.model.objective,
         )
 
-    # ---------------------------------------------------------------- logging
-    def _reset_window(self) -> None:
-        self.window = torch.zeros(len(TERMS), device=self.accelerator.device)
-        self.window_count = 0
-        self.window_start = (time.perf_counter(), self.step)
+    # ---------------------------------------------------------------- health and signals
+    def check_health(self) -> None:
+        """Raise when the loss was non-finite for train.max_nonfinite consecutive steps (checked at the
+        logging interval and before each checkpoint, so a checkpoint never holds diverged weights)."""
+        n = self.step - self.checked_step
+        # All ranks must reach the same verdict, or one would raise while the others wait in a collective.
+        finite = self.accelerator.reduce(self.finite[:n].int(), reduction="sum").cpu() == self.accelerator.num_processes
+        self.finite.fill_(True)
+        for i, row in enumerate(finite):
+            self.nonfinite_run = 0 if bool(row.all()) else self.nonfinite_run + 1
+            if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+                step = self.checked_step + i + 1
+                term = " and ".join(t for t, ok in zip(("recon", "kl"), row.tolist()) if not ok)
+                last = resolve_resume("auto", self.run_dir) if self.run_dir.exists() else None
+                raise NonFiniteLossError(
+                    f"the training loss was not finite for {self.nonfinite_run} consecutive optimizer steps, up to "
+                    f"step {step} (non-finite term: {term}). The last good weights are in "
+                    f"{last or 'no checkpoint (none was saved yet)'}. Lower optim.lr, set optim.grad_clip, "
+                    "or train in train.precision=no or bf16."
+                )
+        self.checked_step = self.step
 
+    def on_signal(self, signum: int, frame) -> None:
+        """Only records the request: the loop finishes its optimizer step, all ranks agree, then save."""
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            self.console.print(f"received {signal.Signals(signum).name}: checkpointing after this step, then exiting")
+
+    def stop_requested(self) -> bool:
+        """True on every rank as soon as any rank got a stop signal (one tiny all-reduce per step)."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_signal is not None
+        flag = torch.tensor([0 if self.stop_signal is None else 1], dtype=torch.int32)
+        if self.flag_group is None:
+            flag = flag.to(self.accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.flag_group)
+        return bool(flag.item())
+
+    def preempt(self) -> dict[str, float]:
+        path = self.save_checkpoint()
+        self.console.print(f"checkpoint saved to {path}; resume with train.resume=auto")
+        self.accelerator.end_training()
+        return {"preempted": True, "steps": self.step, "checkpoint": str(path)}
+
+    # ---------------------------------------------------------------- logging
     def log_train(self) -> None:
         """Train scalars over the steps since the last log, averaged over all processes' examples."""
         acc = self.accelerator
@@ -252,9 +365,12 @@ class Trainer:
             "step": self.step,
             **dict(zip(TERMS, values)),
             "lr": self.scheduler.get_last_lr()[0],
+            "fp16_skipped_steps": self.fp16_skipped,
             "examples_per_s": steps * self.cfg.train.batch_size / max(time.perf_counter() - t_start, 1e-9),
         }
-        self._reset_window()
+        self.window.zero_()
+        self.window_count = 0
+        self.window_start = (time.perf_counter(), self.step)
         if self.is_main:
             self.metrics.write(record)
             self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "split"}, step=self.step)
@@ -271,13 +387,120 @@ class Trainer:
             f"epoch {self.epoch}  test elbo {test['elbo']:.2f}  (recon {test['recon']:.2f}, kl {test['kl']:.2f})"
         )
 
+    def summary(self, test: dict[str, float], elapsed: float, start_step: int) -> dict[str, float]:
+        s = {
+            "final_test_elbo": test.get("elbo", math.nan),
+            "best_test_elbo": self.best_test_elbo,
+            "steps": self.step,
+            "seconds": elapsed,
+            "examples_per_s": (self.step - start_step) * self.cfg.train.batch_size / max(elapsed, 1e-9),
+        }
+        self.console.table(
+            "vae_dist run",
+            [
+                ("final test elbo", f"{s['final_test_elbo']:.2f} nats"),
+                ("best test elbo", f"{s['best_test_elbo']:.2f} nats"),
+                ("optimizer steps", str(self.step)),
+                ("time", f"{elapsed:.1f} s"),
+                ("throughput", f"{s['examples_per_s']:.0f} examples/s"),
+                ("run directory", str(self.run_dir)),
+            ],
+        )
+        self.accelerator.end_training()
+        return s
+
     # ---------------------------------------------------------------- files
     def prepare_run_dir(self) -> None:
-        """Create run.dir and save the resolved config there (main process; others wait)."""
+        """Save the resolved config; drop metrics a resumed run will log again (main process)."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            self.metrics.truncate_after(self.step)
         self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path:
+        """All ranks: agree on health, gather RNG states; the main process writes atomically."""
+        acc = self.accelerator
+        self.check_health()
+        rng = {"rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["rng_cuda"] = torch.cuda.get_rng_state()
+        rng = {k: acc.gather(v.to(acc.device)).reshape(acc.num_processes, -1).cpu() for k, v in rng.items()}
+        path = checkpoints_dir(self.run_dir) / f"step-{self.step:08d}"
+        if self.is_main:
+            model = acc.unwrap_model(self.model)
+            state = {
+                "format": 1,
+                "step": self.step,
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "best_test_elbo": None if math.isinf(self.best_test_elbo) else self.best_test_elbo,
+                "fp16_skipped": self.fp16_skipped,
+                "window_count": self.window_count,
+                "window_start_step": self.window_start[1],
+                "nonfinite_run": self.nonfinite_run,
+                "num_processes": acc.num_processes,
+                "tracker_run_id": self.tracker_run_id,
+                "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                "config": self.cfg.to_dict(),
+                "versions": {
+                    "vae_dist": vae_dist.__version__,
+                    "torch": torch.__version__,
+                    "accelerate": accelerate.__version__,
+                    "python": sys.version.split()[0],
+                },
+            }
+            path = write_checkpoint(
+                self.run_dir,
+                self.step,
+                model_state=model.state_dict(),
+                model_config=model.config_dict,
+                optimizer_state=self.optimizer.optimizer.state_dict(),
+                trainer_tensors={**rng, "window": self.window},
+                state=state,
+                keep=self.cfg.checkpoint.keep,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def resume(self) -> None:
+        """Load train.resume (auto: the newest valid checkpoint in run.dir) into every rank."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.train.resume == "none" and any(checkpoints_dir(self.run_dir).glob("step-*")):
+            raise ConfigError(
+                f"train.resume=none but {checkpoints_dir(self.run_dir)} already holds checkpoints that a fresh run "
+                "would mix with its own; resume them with train.resume=auto, or choose a new run.dir."
+            )
+        with warnings.catch_warnings():
+            if not self.is_main:
+                warnings.simplefilter("ignore")  # the main process reports skipped checkpoints once
+            path = resolve_resume(cfg.train.resume, self.run_dir)
+        if path is None:
+            return
+        ckpt = load_checkpoint(path)
+        model = acc.unwrap_model(self.model)
+        check_model_shapes(model.state_dict(), ckpt.model, path / "model.safetensors")
+        model.load_state_dict(ckpt.model)
+        self.optimizer.optimizer.load_state_dict(ckpt.optimizer)
+        s = ckpt.state
+        self.scheduler.load_state_dict(s["scheduler"])
+        if acc.scaler is not None and s["scaler"]:
+            acc.scaler.load_state_dict(s["scaler"])
+        # Global RNG states are restored for same-topology resumes; no training draw uses them (all
+        # noise is seeded by step), so a resume on another process count is exact too.
+        if ckpt.trainer["rng_cpu"].shape[0] == acc.num_processes:
+            torch.set_rng_state(ckpt.trainer["rng_cpu"][acc.process_index].clone())
+            if torch.cuda.is_available() and "rng_cuda" in ckpt.trainer:
+                torch.cuda.set_rng_state(ckpt.trainer["rng_cuda"][acc.process_index].clone())
+        self.step, self.epoch, self.step_in_epoch = s["step"], s["epoch"], s["step_in_epoch"]
+        self.best_test_elbo = math.inf if s["best_test_elbo"] is None else s["best_test_elbo"]
+        self.fp16_skipped, self.nonfinite_run = s["fp16_skipped"], s["nonfinite_run"]
+        self.window.copy_(ckpt.trainer["window"].to(acc.device))
+        self.window_count, self.window_start = s["window_count"], (time.perf_counter(), s["window_start_step"])
+        self.checked_step = self.step
+        self.tracker_run_id = s["tracker_run_id"]
+        self.console.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch})")
 
     def export_model(self) -> Path:
         """model.safetensors + config.json in run.dir, loadable with VAE.from_pretrained(run.dir)."""
@@ -287,3 +510,6 @@ class Trainer:
             acc.unwrap_model(self.model).save_pretrained(self.run_dir)
         acc.wait_for_everyone()
         return self.run_dir / "model.safetensors"
+
+
+__all__ = ["Trainer", "LaunchError", "NonFiniteLossError", "CheckpointError"]

@@ -1,0 +1,27 @@
+"""Probe run under `accelerate launch` by tests/test_distributed.py: builds the real Trainer and
+writes, per rank, what it sees to <out>/rank<r>.json.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_probe.py OUT order|eval [overrides]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from vae_dist.config import load_config
+from vae_dist.trainer import Trainer
+
+out, mode, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+trainer = Trainer(load_config(None, overrides))
+rank = trainer.accelerator.process_index
+result = {"processes": trainer.accelerator.num_processes, "accum": trainer.accum, "micro": trainer.micro}
+if mode == "order":  # the micro-batches of indices this rank gets in epochs 0 and 1, and epoch 0 resumed at step 2
+    for epoch, skip in ((0, 0), (1, 0), (0, 2)):
+        trainer.epoch, trainer.step_in_epoch = epoch, skip
+        result[f"epoch{epoch}_skip{skip}"] = [idx.tolist() for idx in trainer.epoch_batches()]
+elif mode == "eval":
+    result["eval"] = trainer.evaluate()
+out.mkdir(parents=True, exist_ok=True)
+(out / f"rank{rank}.json").write_text(json.dumps(result))
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()  # tear the gloo group down before exit

@@ -1,0 +1,251 @@
+"""Checkpoints: safetensors for every tensor, JSON for everything else, never pickle.
+
+A checkpoint is a directory `<run.dir>/checkpoints/step-XXXXXXXX/`:
+
+    model.safetensors      weights, model config in the metadata (export format: VAE.from_pretrained loads it)
+    config.json            the model config (from_pretrained convention)
+    optimizer.safetensors  Adam moments and step counts, flattened as state.<param>.<name>
+    trainer.safetensors    each rank's RNG states and the trainer's on-device counters
+    state.json             step, epoch, position in the epoch, run config, optimizer param groups,
+                           scheduler and grad-scaler state, tracker run id, library versions
+    manifest.json          size and sha256 of every file above; written last
+
+It is written by the main process into a temporary directory, every file fsynced, then renamed
+into place, so a crash (kill -9, full disk) at any moment leaves either the complete new checkpoint
+or none, and the previous ones intact. A directory without a matching manifest is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+MANIFEST = "manifest.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or loaded; the message names the file and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, as loaded on this rank."""
+
+    path: Path
+    state: dict[str, Any]  # state.json
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # an Optimizer.state_dict()
+    trainer: dict[str, torch.Tensor]  # trainer.safetensors
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+# ------------------------------------------------------------------ writing
+def optimizer_to_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Split Optimizer.state_dict() into tensors (for safetensors) and param groups (for JSON)."""
+    tensors = {}
+    for pid, per_param in opt_state["state"].items():
+        for name, value in per_param.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{pid}.{name}"] = t.detach().contiguous().cpu()
+    return tensors, opt_state["param_groups"]
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    model_config: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    trainer_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write a complete checkpoint atomically (main process only); prune to the newest `keep`."""
+    root = checkpoints_dir(run_dir)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        opt_tensors, groups = optimizer_to_tensors(optimizer_state)
+        cpu = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+        save_file(cpu, str(tmp / "model.safetensors"), metadata={"format": "pt", "config": json.dumps(model_config)})
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in trainer_tensors.items()}, str(tmp / "trainer.safetensors"))
+        _fsync_write(tmp / "config.json", json.dumps(model_config, indent=2).encode())
+        _fsync_write(tmp / "state.json", json.dumps({**state, "optimizer_param_groups": groups}, indent=2).encode())
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:  # save_file does not fsync
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        manifest = {
+            "step": step,
+            "files": {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files},
+        }
+        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_valid(run_dir, warn=False)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({err.strerror or err}); "
+            + (f"the previous checkpoint {previous} is intact. " if previous else "no earlier checkpoint exists. ")
+            + "Free disk space or point run.dir at a writable folder, then resume with train.resume=auto."
+        ) from err
+    prune(run_dir, keep)
+    return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; remove older ones and leftovers of interrupted saves."""
+    root = checkpoints_dir(run_dir)
+    for tmp in root.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ reading
+def verify(path: Path) -> str | None:
+    """None when `path` is a complete checkpoint matching its manifest, else what is wrong with which file."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a checkpoint directory"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"{path / MANIFEST} is missing (the save did not finish)"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{path / MANIFEST} is not valid JSON"
+    for name, meta in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != meta["size"]:
+            return f"{file} has {file.stat().st_size} bytes, the manifest says {meta['size']} (truncated?)"
+        if _sha256(file) != meta["sha256"]:
+            return f"{file} does not match its sha256 in the manifest (corrupt)"
+    return None
+
+
+def latest_valid(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint under run_dir that passes `verify`; broken ones are skipped with a warning."""
+    for path in sorted(checkpoints_dir(run_dir).glob(f"{PREFIX}*"), reverse=True):
+        problem = verify(path)
+        if problem is None:
+            return path
+        if warn:
+            warnings.warn(f"skipping checkpoint {path}: {problem}; trying the previous one", stacklevel=2)
+    return None
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix in PICKLE_SUFFIXES or (path.is_dir() and any(path.glob("*" + s) for s in PICKLE_SUFFIXES)):
+        raise CheckpointError(
+            f"{path} is a pickle-based checkpoint ({path.suffix or 'holds .pt/.bin files'}); vae_dist never unpickles, "
+            "since loading a pickle can run arbitrary code. Resume from a vae_dist checkpoint directory "
+            "(checkpoints/step-XXXXXXXX) or convert the weights to safetensors."
+        )
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """train.resume -> the checkpoint to load, or None to start fresh."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_valid(run_dir)
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(
+            f"train.resume={resume}: no such file or directory; give a checkpoint directory such as "
+            f"{checkpoints_dir(run_dir) / (PREFIX + '00000600')}, or train.resume=auto."
+        )
+    refuse_pickle(path)
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(
+            f"train.resume={resume} cannot be loaded: {problem}. Pick another checkpoint or train.resume=auto."
+        )
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a verified checkpoint (safetensors + JSON only)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        model = load_file(str(path / "model.safetensors"))
+        opt = optimizer_from_tensors(
+            load_file(str(path / "optimizer.safetensors")), state.pop("optimizer_param_groups")
+        )
+        trainer = load_file(str(path / "trainer.safetensors"))
+    except (OSError, SafetensorError, json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} could not be read ({err}); pick another checkpoint.") from err
+    return Checkpoint(path=path, state=state, model=model, optimizer=opt, trainer=trainer)
+
+
+def check_model_shapes(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: Path) -> None:
+    """Raise naming every mismatched tensor, so a checkpoint of another architecture is a clear error."""
+    problems = [f"{k}: missing" for k in expected if k not in found]
+    problems += [f"{k}: unexpected" for k in found if k not in expected]
+    problems += [
+        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{source} holds another architecture than this config builds ({'; '.join(problems)}). "
+            "Use the model config the checkpoint was trained with (its config.json), or another run.dir."
+        )
