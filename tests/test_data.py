@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_mnist
 
+from conftest import SHARED_DATA, make_mnist
 from vae_dist.config import DataConfig
 from vae_dist.data import IDX_FILES, DataError, index_loader, load_data, to_unit
 

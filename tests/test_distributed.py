@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO, launch, load_weights
 
 pytestmark = pytest.mark.distributed

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import REPO, train_in_process
 
+from conftest import REPO, train_in_process
 from vae_dist.config import load_config
 from vae_dist.model import VAE
 from vae_dist.tracking import MetricsFile

@@ -192,7 +192,7 @@ def latest_valid(run_dir: Path, warn: bool = True) -> Path | None:
 
 
 def refuse_pickle(path: Path) -> None:
-    if path.suffix in PICKLE_SUFFIXES or (path.is_dir() and any(path.glob("*" + s) for s in PICKLE_SUFFIXES)):
+    if path.suffix in PICKLE_SUFFIXES or (path.is_dir() and any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir())):
         raise CheckpointError(
             f"{path} is a pickle-based checkpoint ({path.suffix or 'holds .pt/.bin files'}); vae_dist never unpickles, "
             "since loading a pickle can run arbitrary code. Resume from a vae_dist checkpoint directory "

@@ -185,6 +185,7 @@ class Trainer:
         self.window = torch.zeros(len(TERMS), device=acc.device)  # train terms summed since the last log
         self.window_count = 0
         self.window_start = (time.perf_counter(), 0)
+        self.grad_norm = torch.tensor(math.nan)  # global gradient norm of the last logged step
         # Per-step finiteness of (recon, kl) since the last health check, written on the device and
         # read at the logging interval: no host sync per step.
         self.finite = torch.ones(cfg.tracking.log_every_steps, 2, dtype=torch.bool, device=acc.device)
@@ -238,8 +239,9 @@ class Trainer:
             with acc.autocast():
                 terms = loss_terms(self.model, x, eps, self.cfg.model.objective)
             acc.backward(terms["loss"].mean())  # backward() divides by the accumulation steps
-            if acc.sync_gradients and self.cfg.optim.grad_clip > 0:
-                acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            if acc.sync_gradients and (self.cfg.optim.grad_clip > 0 or self.logs_after_this_step()):
+                # The global gradient norm, measured (and clipped when asked) only when needed.
+                self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         # Summed on the device; read only at the logging interval (no host sync per step).
@@ -262,6 +264,9 @@ class Trainer:
             u = torch.rand(G, x.shape[1], generator=self.noise, device=acc.device)[rows]
             x = (u < x).float()
         return x, eps
+
+    def logs_after_this_step(self) -> bool:
+        return (self.step + 1) % self.cfg.tracking.log_every_steps == 0
 
     def after_optimizer_step(self) -> None:
         cfg = self.cfg
@@ -347,7 +352,9 @@ class Trainer:
 
     def preempt(self) -> dict[str, float]:
         path = self.save_checkpoint()
-        self.console.print(f"checkpoint saved to {path}; resume with train.resume=auto")
+        self.console.print(
+            f"stopped by a signal at step {self.step}: checkpoint saved to {path}; resume with train.resume=auto"
+        )
         self.accelerator.end_training()
         return {"preempted": True, "steps": self.step, "checkpoint": str(path)}
 
@@ -365,6 +372,7 @@ class Trainer:
             "step": self.step,
             **dict(zip(TERMS, values)),
             "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.grad_norm),
             "fp16_skipped_steps": self.fp16_skipped,
             "examples_per_s": steps * self.cfg.train.batch_size / max(time.perf_counter() - t_start, 1e-9),
         }
@@ -425,7 +433,9 @@ class Trainer:
         rng = {"rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["rng_cuda"] = torch.cuda.get_rng_state()
-        rng = {k: acc.gather(v.to(acc.device)).reshape(acc.num_processes, -1).cpu() for k, v in rng.items()}
+        # Per-rank state: RNG and this rank's part of the logging window, one row per rank.
+        per_rank = {**rng, "window": self.window}
+        per_rank = {k: acc.gather(v.to(acc.device)).reshape(acc.num_processes, -1).cpu() for k, v in per_rank.items()}
         path = checkpoints_dir(self.run_dir) / f"step-{self.step:08d}"
         if self.is_main:
             model = acc.unwrap_model(self.model)
@@ -441,7 +451,7 @@ class Trainer:
                 "nonfinite_run": self.nonfinite_run,
                 "num_processes": acc.num_processes,
                 "tracker_run_id": self.tracker_run_id,
-                "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+                "scheduler": self.scheduler.state_dict(),  # JSON-able: lr_lambdas of a function is None
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "config": self.cfg.to_dict(),
                 "versions": {
@@ -457,7 +467,7 @@ class Trainer:
                 model_state=model.state_dict(),
                 model_config=model.config_dict,
                 optimizer_state=self.optimizer.optimizer.state_dict(),
-                trainer_tensors={**rng, "window": self.window},
+                trainer_tensors=per_rank,
                 state=state,
                 keep=self.cfg.checkpoint.keep,
             )
@@ -489,15 +499,20 @@ class Trainer:
             acc.scaler.load_state_dict(s["scaler"])
         # Global RNG states are restored for same-topology resumes; no training draw uses them (all
         # noise is seeded by step), so a resume on another process count is exact too.
+        # The logging window restarts empty on another topology (only the train scalars of that one
+        # interval then cover fewer steps).
+        rank = acc.process_index
         if ckpt.trainer["rng_cpu"].shape[0] == acc.num_processes:
-            torch.set_rng_state(ckpt.trainer["rng_cpu"][acc.process_index].clone())
+            torch.set_rng_state(ckpt.trainer["rng_cpu"][rank].clone())
             if torch.cuda.is_available() and "rng_cuda" in ckpt.trainer:
-                torch.cuda.set_rng_state(ckpt.trainer["rng_cuda"][acc.process_index].clone())
+                torch.cuda.set_rng_state(ckpt.trainer["rng_cuda"][rank].clone())
+            self.window.copy_(ckpt.trainer["window"][rank].to(acc.device))
+            self.window_count, self.window_start = s["window_count"], (time.perf_counter(), s["window_start_step"])
+        else:
+            self.window_start = (time.perf_counter(), s["step"])
         self.step, self.epoch, self.step_in_epoch = s["step"], s["epoch"], s["step_in_epoch"]
         self.best_test_elbo = math.inf if s["best_test_elbo"] is None else s["best_test_elbo"]
         self.fp16_skipped, self.nonfinite_run = s["fp16_skipped"], s["nonfinite_run"]
-        self.window.copy_(ckpt.trainer["window"].to(acc.device))
-        self.window_count, self.window_start = s["window_count"], (time.perf_counter(), s["window_start_step"])
         self.checked_step = self.step
         self.tracker_run_id = s["tracker_run_id"]
         self.console.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch})")
