@@ -27,6 +27,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow and not distributed" $(ARGS)
 
+slurm-test: $(STAMP)
+	tests/slurm/cluster.sh install && tests/slurm/cluster.sh up
+	$(VENV)/bin/python -m pytest -q -m slurm tests/test_slurm.py; rc=$$?; tests/slurm/cluster.sh down; exit $$rc
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vae_dist tests
 	$(VENV)/bin/ruff format --check vae_dist tests
