@@ -43,8 +43,9 @@ from vae_dist.config import Config, ConfigError
 from vae_dist.console import Console
 from vae_dist.data import Split, index_loader, load_data, to_unit
 from vae_dist.evaluate import TERMS, evaluate_elbo, seed_for
+from vae_dist.figures import write_figures
 from vae_dist.model import VAE, loss_terms
-from vae_dist.tracking import MetricsFile, Tracker
+from vae_dist.tracking import MetricsFile, Tracker, log_with, start_tracker
 
 TRAIN_STREAM = 1  # noise stream id of training steps; evaluation uses EVAL_STREAM
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -128,6 +129,7 @@ class Trainer:
             mixed_precision=cfg.train.precision,
             gradient_accumulation_steps=self.accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+            log_with=log_with(cfg.tracking),
         )
         acc = self.accelerator
         self.is_main = acc.is_main_process
@@ -200,6 +202,7 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         self.prepare_run_dir()
+        self.start_tracking()
         handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         self.console.start(cfg.train.epochs, self.steps_per_epoch, self.epoch, self.step_in_epoch)
         t0, start_step = time.perf_counter(), self.step
@@ -228,7 +231,9 @@ class Trainer:
         if not test:  # resumed from the final checkpoint of a finished run: nothing left to train
             test = self.evaluate()
         self.save_checkpoint()  # always at the end (replaces an epoch checkpoint of the same step)
-        self.export_model()
+        path = self.export_model()
+        if self.cfg.tracking.log_model:
+            self.tracker.log_model(path)
         return self.summary(test, elapsed, start_step)
 
     def train_step(self, idx: torch.Tensor, micro: int) -> None:
@@ -285,6 +290,10 @@ class Trainer:
         test = self.evaluate()
         self.best_test_elbo = min(self.best_test_elbo, test["elbo"])
         self.log_test(test)
+        every = self.cfg.tracking.images_every_epochs
+        last = self.epoch >= self.cfg.train.epochs or self.reached_max_steps()
+        if last or (every and self.step_in_epoch == 0 and self.epoch % every == 0):
+            self.draw_figures()
         every = self.cfg.checkpoint.every_epochs
         if every and self.step_in_epoch == 0 and self.epoch % every == 0 and self.epoch < self.cfg.train.epochs:
             self.save_checkpoint()  # the last epoch is saved by fit() itself
@@ -355,6 +364,7 @@ class Trainer:
         self.console.print(
             f"stopped by a signal at step {self.step}: checkpoint saved to {path}; resume with train.resume=auto"
         )
+        self.tracker.finish()
         self.accelerator.end_training()
         return {"preempted": True, "steps": self.step, "checkpoint": str(path)}
 
@@ -414,6 +424,7 @@ class Trainer:
                 ("run directory", str(self.run_dir)),
             ],
         )
+        self.tracker.finish()
         self.accelerator.end_training()
         return s
 
@@ -424,6 +435,35 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             self.metrics.truncate_after(self.step)
+        self.accelerator.wait_for_everyone()
+
+    def start_tracking(self) -> None:
+        """W&B on the main process (no-op elsewhere or with tracking.mode=off); a resumed run continues
+        the W&B run whose id its checkpoint holds."""
+        acc = self.accelerator
+        run_info = {
+            "num_processes": acc.num_processes,
+            "precision": self.cfg.train.precision,
+            "accumulation_steps": self.accum,
+            "micro_batch_size": self.micro,
+            "device": str(acc.device),
+        }
+        self.tracker = start_tracker(self.cfg, acc, self.run_dir, self.tracker_run_id, run_info)
+        self.tracker_run_id = self.tracker.run_id or self.tracker_run_id
+
+    def draw_figures(self) -> None:
+        """PNGs in run.dir (reconstructions, prior samples, latent space, loss curves), sent to the tracker."""
+        if self.is_main:
+            paths = write_figures(
+                self.accelerator.unwrap_model(self.model),
+                self.test_images,
+                self.test_labels,
+                self.metrics.read(),
+                self.run_dir,
+                seed=self.cfg.train.seed,
+                steps_per_epoch=self.steps_per_epoch,
+            )
+            self.tracker.log_images({k: v for k, v in paths.items() if k != "loss"}, step=self.step)
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
