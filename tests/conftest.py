@@ -92,33 +92,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, args: list[str], cwd: Path, timeout: float = 300, **kwargs):
-    """Run `args` (a script path or -m module, then its arguments) in `nproc` processes: plain python for
-    one, `accelerate launch --multi_gpu` (a real gloo group on the CPU) for more."""
-    import subprocess
+def launch_cmd(nproc: int, args: list[str]) -> list[str]:
+    """The command that runs `args` (a script path or -m module, then its arguments) in `nproc` processes:
+    plain python for one, `accelerate launch --multi_gpu` (a real gloo group on the CPU) for more."""
     import sys
 
     if nproc == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(nproc),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            *args,
-        ]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, **kwargs)
+        return [sys.executable, *args]
+    flags = ["--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no"]
+    flags += ["--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags, *args]
+
+
+def launch(nproc: int, args: list[str], cwd: Path, timeout: float = 300, **kwargs):
+    """Run launch_cmd(nproc, args) to completion, capturing its output."""
+    import subprocess
+
+    return subprocess.run(launch_cmd(nproc, args), capture_output=True, text=True, cwd=cwd, timeout=timeout, **kwargs)
 
 
 def load_weights(run_dir: Path) -> dict[str, torch.Tensor]:

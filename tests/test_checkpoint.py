@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import vae_dist.checkpoint as ckpt_mod
-from conftest import launch, load_weights, train_in_process
+from conftest import launch, launch_cmd, load_weights, train_in_process
 from vae_dist.checkpoint import CheckpointError, latest_valid, verify
 from vae_dist.config import ConfigError, load_config
 from vae_dist.model import VAE
@@ -217,30 +217,8 @@ def test_two_process_resume_is_bit_exact(ckpt_overrides: list[str], tmp_path: Pa
 def test_sigusr1_to_one_rank_stops_both(ckpt_overrides: list[str], tmp_path: Path) -> None:
     import psutil
 
-    from conftest import free_port
-
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "vae_dist.train",
-        *ckpt_overrides,
-        "train.epochs=400",
-        "train.batch_size=50",
-    ]
+    cmd = launch_cmd(2, ["-m", "vae_dist.train", *ckpt_overrides, "train.epochs=400", "train.batch_size=50"])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
