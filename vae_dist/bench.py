@@ -1,0 +1,681 @@
+"""Training throughput: the original script's loop, a minimal tensor loop and the toolkit, in one process.
+
+    python -m vae_dist.bench data.root=../shared/data                      # CPU, fp32, batch 100
+    python -m vae_dist.bench data.root=../shared/data --batch-size 1000
+    vae-bench --device cuda --precision bf16 --compile --json bench.json  # random data if data.root lacks MNIST
+
+Three variants train the same 784-512-256-2 VAE with Adam (issue 8):
+
+  original  the reference script's loop: torchvision MNIST with per-example PIL + ToTensor, a DataLoader,
+            sigmoid + BCE loss, `.item()` every step (a re-implementation of reference_vae.py's train()).
+  minimal   the hand-written floor: the whole split as one float tensor on the device, batches by
+            indexing a permutation, `.item()` every step (reference/minimal_loop.py; logits loss by
+            default, the toolkit's arithmetic).
+  toolkit   a real `vae_dist.trainer.Trainer`, driven as `Trainer.fit` drives it: `train_step` for
+            every micro-batch of `epoch_batches()`, then `after_optimizer_step` (counters, scheduler,
+            health check and `log_train` every tracking.log_every_steps) and the stop checks.
+
+Each variant is built once, warmed up, then timed for `--steps` optimizer steps per repeat, the
+variants alternating (a b c, b c a, c a b, ...) so that load from other processes spreads over all
+three; the table gives the median examples/s of the repeats and the ratios toolkit/original and
+toolkit/minimal. Evaluation is not timed (the reference's per-epoch timer does not include it either).
+
+Peak memory: each variant runs again alone in a fresh subprocess (`--probe NAME`), which reports its
+peak resident set size (Linux VmHWM) and, on CUDA, `torch.cuda.max_memory_allocated`. One process
+cannot measure three variants: the peak RSS is a high-water mark that never goes down, memory freed
+by one variant stays in the allocator for the next, and tracemalloc sees Python objects only, not
+the tensors torch allocates in C++. The peak includes the libraries (importing torch alone maps
+about 0.5 GB); the JSON also gives the peak over the RSS right after the variant's imports.
+
+Data: the real training split when `data.root` holds the IDX files, else random uint8 images of the
+same shape (60,000 x 784), generated once with a fixed seed. The bench never downloads.
+Exit codes: 0 done; 2 bad option, config or data (one line on stderr saying what to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+VARIANTS = ("original", "minimal", "toolkit")
+WHAT = {
+    "original": "torchvision MNIST, PIL + ToTensor per example, DataLoader, sigmoid + BCE, .item() per step",
+    "minimal": "split as one float tensor, batches by indexing, .item() per step",
+    "toolkit": "vae_dist Trainer: train_step + after_optimizer_step, as fit() drives them",
+}
+# Modules each variant needs before it builds anything: imported first in a memory probe, so that
+# "peak over imports" counts the variant's data, model and loop, not its libraries.
+IMPORTS = {
+    "original": ("torchvision.datasets", "torchvision.transforms", "torch.utils.data"),
+    "minimal": ("torchvision.datasets",),
+    "toolkit": ("vae_dist.trainer",),
+}
+RANDOM_SHAPE = (60_000, 10_000)  # train, test examples of random data: MNIST's sizes
+PIXELS = 784
+
+
+# ---------------------------------------------------------------- options
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="vae-bench",
+        description="Time the original MNIST VAE loop, a minimal tensor loop and the vae_dist trainer; "
+        "print examples/s (median of repeats) and the ratios, as a table and as JSON.",
+        epilog="Example: vae-bench data.root=../shared/data --batch-size 100",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
+    p.add_argument("--precision", choices=("no", "fp16", "bf16"), default="no", help="no = fp32 (default)")
+    p.add_argument("--batch-size", type=int, default=100, help="examples per optimizer step (default 100)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per timed repeat (default: 30,000 examples' worth)"
+    )
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default: steps / 4)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per variant; the median is reported")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in all three variants")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads for all variants (default: usable cores)"
+    )
+    p.add_argument(
+        "--minimal-loss",
+        choices=("logits", "sigmoid"),
+        default="logits",
+        help="minimal loop's loss: BCE on logits like the toolkit (default), or sigmoid + BCE like the original",
+    )
+    p.add_argument(
+        "--minimal-adam",
+        choices=("default", "fused"),
+        default="default",
+        help="minimal loop's Adam: torch's default like minimal_loop.py (default), or fused to compare framework overhead alone",
+    )
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the JSON result to PATH")
+    p.add_argument("--config", default=None, help="YAML config for the toolkit (default: built-in defaults)")
+    p.add_argument(
+        "overrides", nargs="*", help="section.key=value for the toolkit config, e.g. data.root=../shared/data"
+    )
+    p.add_argument("--probe", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # memory subprocess
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = max(10, round(30_000 / max(args.batch_size, 1)))
+    if args.warmup is None:
+        args.warmup = max(5, args.steps // 4)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    for key, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("repeats", 1), ("threads", 1)):
+        value = getattr(args, key)
+        if value is not None and value < low:
+            out.append(f"--{key.replace('_', '-')}={value}: must be an integer >= {low}.")
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not names or any(v not in VARIANTS for v in names):
+        out.append(f"--variants={args.variants}: give a comma-separated subset of {', '.join(VARIANTS)}.")
+    return out
+
+
+def bench_config(args: argparse.Namespace, run_dir: str):
+    """The toolkit's Config: the user's file and overrides, then the bench's own settings on top."""
+    from vae_dist.config import ConfigError, load_config
+
+    cfg = load_config(
+        args.config,
+        [
+            *args.overrides,
+            f"train.batch_size={args.batch_size}",
+            f"train.precision={args.precision}",
+            f"train.compile={str(args.compile).lower()}",
+            f"train.cpu_threads={args.threads}",
+            "train.max_steps=null",  # the bench decides how many steps run
+            "train.resume=none",
+            "tracking.mode=off",
+            f"run.dir={run_dir}",
+        ],
+    )
+    # The three variants must do the same arithmetic for the ratios to mean anything.
+    problems = []
+    if len(cfg.model.hidden_dims) != 2:
+        problems.append(
+            f"model.hidden_dims={cfg.model.hidden_dims}: the original loop has exactly two hidden layers; give two widths."
+        )
+    if cfg.model.objective != "elbo":
+        problems.append("model.objective: the original loop trains the ELBO; leave model.objective=elbo.")
+    if cfg.data.binarize != "none":
+        problems.append("data.binarize: the original loop trains on grayscale targets; leave data.binarize=none.")
+    if problems:
+        raise ConfigError(" ".join(problems))
+    return cfg
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class Context:
+    """What every variant needs: config, device, data source; the splits are loaded once and shared."""
+
+    cfg: object
+    device: object  # torch.device
+    args: argparse.Namespace
+    real: bool  # data.root holds the IDX files
+    _splits: tuple | None = field(default=None, repr=False)
+
+    def splits(self):
+        """(train, test) `vae_dist.data.Split`s: the real files, or seeded random uint8 images."""
+        if self._splits is None:
+            self._splits = load_or_random(self.cfg.data, self.real)
+        return self._splits
+
+    def data_label(self) -> str:
+        if self.real:
+            return f"{self.cfg.data.dataset} from {self.cfg.data.root}"
+        return f"random uint8 images {RANDOM_SHAPE[0]} + {RANDOM_SHAPE[1]} x {PIXELS} ({self.cfg.data.root} has no {self.cfg.data.dataset})"
+
+
+def has_real_data(data_cfg) -> bool:
+    from vae_dist.data import IDX_FILES, raw_folder
+
+    return all((raw_folder(data_cfg) / name).is_file() for name in IDX_FILES)
+
+
+def load_or_random(data_cfg, real: bool):
+    import torch
+
+    from vae_dist.data import Split, load_data
+
+    if real:
+        return load_data(data_cfg)
+    g = torch.Generator().manual_seed(0)
+    return tuple(
+        Split(
+            images=torch.randint(0, 256, (n, PIXELS), dtype=torch.uint8, generator=g),
+            labels=torch.randint(0, 10, (n,), generator=g),
+        )
+        for n in RANDOM_SHAPE
+    )
+
+
+def torchvision_split(ctx: Context, train: bool, transform):
+    """The dataset object the original script iterates: torchvision's own class reading data.root, or,
+    for random data, the same class holding the random tensor (its __getitem__, PIL + transform, unchanged)."""
+    from torchvision.datasets import MNIST
+
+    from vae_dist.data import DATASETS
+
+    cls = DATASETS[ctx.cfg.data.dataset]
+    if ctx.real:
+        return cls(root=ctx.cfg.data.root, train=train, transform=transform, download=False)
+    split = ctx.splits()[0 if train else 1]
+    ds = MNIST.__new__(MNIST)
+    super(MNIST, ds).__init__(root=None, transform=transform)  # VisionDataset: transform, no files
+    ds.train, ds.data, ds.targets = train, split.images.view(-1, 28, 28), split.labels
+    return ds
+
+
+# ---------------------------------------------------------------- the reference model and loss
+def reference_vae(hidden: list[int], z_dim: int):
+    """The original script's VAE (fc1..fc6, sigmoid output), as in reference/reference_vae.py."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class VAE(nn.Module):
+        def __init__(self, x_dim, h_dim1, h_dim2, z_dim):
+            super().__init__()
+            self.fc1 = nn.Linear(x_dim, h_dim1)
+            self.fc2 = nn.Linear(h_dim1, h_dim2)
+            self.fc31 = nn.Linear(h_dim2, z_dim)
+            self.fc32 = nn.Linear(h_dim2, z_dim)
+            self.fc4 = nn.Linear(z_dim, h_dim2)
+            self.fc5 = nn.Linear(h_dim2, h_dim1)
+            self.fc6 = nn.Linear(h_dim1, x_dim)
+
+        def encoder(self, x):
+            h = F.relu(self.fc1(x))
+            h = F.relu(self.fc2(h))
+            return self.fc31(h), self.fc32(h)
+
+        def sampling(self, mu, log_var):
+            std = torch.exp(0.5 * log_var)
+            eps = torch.randn_like(std)
+            return eps.mul(std).add_(mu)
+
+        def logits(self, z):
+            return self.fc6(F.relu(self.fc5(F.relu(self.fc4(z)))))
+
+        def decoder(self, z):
+            return torch.sigmoid(self.logits(z))
+
+        def forward(self, x, logits: bool = False):
+            mu, log_var = self.encoder(x.view(-1, PIXELS))
+            z = self.sampling(mu, log_var)
+            return (self.logits(z) if logits else self.decoder(z)), mu, log_var
+
+    return VAE(PIXELS, hidden[0], hidden[1], z_dim)
+
+
+def elbo_loss(out, x, mu, log_var, logits: bool = False):
+    """The original ELBO_loss (BCE summed over pixels + analytic KL, summed over the batch), in fp32."""
+    import torch
+    import torch.nn.functional as F
+
+    x = x.view(-1, PIXELS)
+    out, mu, log_var = out.float(), mu.float(), log_var.float()
+    if logits:
+        bce = F.binary_cross_entropy_with_logits(out, x, reduction="sum")
+    else:
+        bce = F.binary_cross_entropy(out, x, reduction="sum")
+    return bce - 0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp())
+
+
+class Precision:
+    """Autocast (+ a GradScaler for fp16) for the two hand-written loops, matching train.precision."""
+
+    def __init__(self, device, precision: str):
+        import torch
+
+        self.device_type = device.type
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def autocast(self):
+        import torch
+
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_step(self, loss, opt) -> None:
+        if self.scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+
+
+# ---------------------------------------------------------------- the three variants
+# Each is a generator: built on the first next(), then one optimizer step per next(), which returns
+# the number of examples that step trained on. Epochs roll over without end.
+def original_loop(ctx: Context) -> Iterator[int]:
+    """(a) reference_vae.py's train(): DataLoader over torchvision MNIST with ToTensor, .item() every step."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    cfg, dev = ctx.cfg, ctx.device
+    torch.manual_seed(cfg.train.seed)
+    train = torchvision_split(ctx, True, transforms.ToTensor())
+    torchvision_split(ctx, False, transforms.ToTensor())  # the script loads both splits; held like its `te`
+    loader = DataLoader(dataset=train, batch_size=cfg.train.batch_size, shuffle=True)
+    vae = reference_vae(cfg.model.hidden_dims, cfg.model.z_dim).to(dev)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.optim.lr)
+    model = torch.compile(vae) if cfg.train.compile else vae
+    amp = Precision(dev, cfg.train.precision)
+    vae.train()
+    train_loss = 0.0
+    while True:
+        for data, _ in loader:
+            data = data.to(dev)
+            opt.zero_grad()
+            with amp.autocast():
+                recon_batch, mu, log_var = model(data)
+            loss = elbo_loss(recon_batch, data, mu, log_var)
+            amp.backward_step(loss, opt)
+            train_loss += loss.item()
+            yield data.shape[0]
+
+
+def minimal_loop(ctx: Context) -> Iterator[int]:
+    """(b) minimal_loop.py: the split as one float tensor on the device, batches by indexing a permutation."""
+    import torch
+
+    cfg, dev = ctx.cfg, ctx.device
+    logits = ctx.args.minimal_loss == "logits"
+    torch.manual_seed(cfg.train.seed)
+    train, test = ctx.splits()
+    X = train.images.to(dev).float().div_(255)
+    Xt = test.images.to(dev).float().div_(255)  # noqa: F841  held, as minimal_loop.py holds it
+    vae = reference_vae(cfg.model.hidden_dims, cfg.model.z_dim).to(dev)
+    fused = {"fused": True} if ctx.args.minimal_adam == "fused" else {}
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.optim.lr, **fused)
+    model = torch.compile(vae) if cfg.train.compile else vae
+    amp = Precision(dev, cfg.train.precision)
+    bs, n = cfg.train.batch_size, X.shape[0]
+    tot = 0.0
+    while True:
+        perm = torch.randperm(n, device=dev)
+        for i in range(0, n, bs):
+            x = X[perm[i : i + bs]]
+            opt.zero_grad(set_to_none=True)
+            with amp.autocast():
+                out, mu, log_var = model(x, logits)
+            loss = elbo_loss(out, x, mu, log_var, logits)
+            amp.backward_step(loss, opt)
+            tot += loss.item()
+            yield x.shape[0]
+
+
+def toolkit_loop(ctx: Context) -> Iterator[int]:
+    """(c) the real trainer: train_step over epoch_batches() and fit()'s per-step bookkeeping
+    (after_optimizer_step: counters, scheduler, health check and log_train every log_every_steps;
+    stop_requested; reached_max_steps), nothing copied. The epoch-end work of fit() (evaluate,
+    figures, checkpoints) is not timed, as in the other two variants."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from vae_dist.trainer import Trainer
+
+    # Accelerate keeps process-wide singletons; a Trainer built earlier in this process must not leak in.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    cfg = ctx.cfg
+    if ctx.real:
+        trainer = Trainer(cfg)  # loads data.root itself, as `vae-train` does
+    else:
+        train, test = ctx.splits()
+        trainer = Trainer(cfg, train=train, test=test)
+    trainer.prepare_run_dir()  # metrics.jsonl goes to a temporary run.dir
+    acc = trainer.accelerator
+    while True:
+        examples = 0
+        for micro, idx in enumerate(trainer.epoch_batches()):
+            trainer.train_step(idx, micro % trainer.accum)
+            examples += idx.shape[0] * acc.num_processes
+            if acc.sync_gradients:  # what fit() does after each optimizer step
+                trainer.after_optimizer_step()
+                if trainer.stop_requested() or trainer.reached_max_steps():
+                    raise RuntimeError("the toolkit asked to stop: the bench sets no signal handler and no max_steps")
+                yield examples
+                examples = 0
+        if trainer.step_in_epoch == trainer.steps_per_epoch:
+            trainer.epoch += 1
+            trainer.step_in_epoch = 0
+
+
+LOOPS: dict[str, Callable[[Context], Iterator[int]]] = {
+    "original": original_loop,
+    "minimal": minimal_loop,
+    "toolkit": toolkit_loop,
+}
+
+
+# ---------------------------------------------------------------- timing
+class _Discard:
+    """stdout while a variant steps: the toolkit's log_train prints a line every log_every_steps; the
+    bench keeps the cost of formatting and writing it, not the noise."""
+
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy since boot, stolen time included (Linux), else None."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def run_steps(loop: Iterator[int], steps: int, sync: Callable[[], None]) -> tuple[int, float, float | None]:
+    """(examples, seconds, others) of `steps` optimizer steps, the device drained before and after.
+    `others`: cores that other processes kept busy meanwhile. On a 2-core machine even a fraction of
+    one core costs torch's two threads far more than its share (each parallel region waits for the
+    thread that lost its core), so a repeat with others > 0.1 is not a clean measurement."""
+    gc.collect()
+    sync()
+    with contextlib.redirect_stdout(_Discard()):
+        busy0, own0 = busy_cpu_seconds(), sum(os.times()[:2])
+        t0 = time.perf_counter()
+        examples = sum(next(loop) for _ in range(steps))
+        sync()
+        seconds = time.perf_counter() - t0
+        busy1, own1 = busy_cpu_seconds(), sum(os.times()[:2])
+    others = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / seconds
+    return examples, seconds, others
+
+
+def time_variants(ctx: Context, names: list[str]) -> dict[str, dict]:
+    """Build and warm up every variant, then time them alternating; examples/s per repeat."""
+    import torch
+
+    args = ctx.args
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    loops = {}
+    for name in names:
+        loops[name] = LOOPS[name](ctx)
+        t0 = time.perf_counter()
+        run_steps(loops[name], max(args.warmup, 1), sync)  # builds it, then warms it up
+        print(f"  {name}: built and warmed up ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        torch.set_num_threads(ctx.args.threads)  # the Trainer sets it too: keep all three on one count
+    runs: dict[str, list[float]] = {n: [] for n in names}
+    others: dict[str, list[float | None]] = {n: [] for n in names}
+    for r in range(args.repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]  # a b c, b c a, c a b, ...
+        for name in order:
+            examples, seconds, busy = run_steps(loops[name], args.steps, sync)
+            runs[name].append(examples / seconds)
+            others[name].append(None if busy is None else round(busy, 2))
+        line = "  ".join(f"{n} {runs[n][-1]:,.0f}" for n in names)
+        busiest = max((o[-1] for o in others.values() if o[-1] is not None), default=None)
+        load = "" if busiest is None else f"  (other processes: {busiest:.2f} cores)"
+        print(f"  repeat {r + 1}/{args.repeats} (examples/s): {line}{load}", file=sys.stderr, flush=True)
+    return {
+        n: {
+            "examples_per_s": statistics.median(v),
+            "runs": [round(x, 1) for x in v],
+            "ms_per_step": 1000 * args.batch_size / statistics.median(v),
+            "others_cores": others[n],  # per repeat: cores other processes used meanwhile
+        }
+        for n, v in runs.items()
+    }
+
+
+# ---------------------------------------------------------------- memory
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process. On Linux VmHWM, not ru_maxrss: ru_maxrss survives
+    exec, so a probe started by the 1 GB bench process would report at least the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, others KiB
+
+
+def probe(ctx: Context, name: str) -> dict:
+    """In a fresh process: import, build, warm up and run one variant; its peak memory."""
+    import torch
+
+    for module in IMPORTS[name]:
+        importlib.import_module(module)
+    after_imports = max_rss_bytes()
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    loop = LOOPS[name](ctx)
+    run_steps(loop, ctx.args.warmup + ctx.args.steps, sync)  # the same work as in the timing
+    out = {"peak_rss_mib": max_rss_bytes() / 2**20, "rss_after_imports_mib": after_imports / 2**20}
+    out["peak_rss_over_imports_mib"] = out["peak_rss_mib"] - out["rss_after_imports_mib"]
+    if ctx.device.type == "cuda":
+        out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def probe_in_subprocess(argv: list[str], name: str) -> dict:
+    """Runs `python -m vae_dist.bench ARGV --probe NAME` and reads the one JSON line it prints."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # importable even when not installed
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vae_dist.bench", *argv, "--probe", name],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the memory probe of {name} exited {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- report
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "platform": platform.platform(), "python": platform.python_version()}
+
+
+def render(result: dict) -> str:
+    """The markdown table and the ratio line: what the README's Performance section quotes."""
+    s = result["settings"]
+    m = result["machine"]
+    dev = s["device"] if s["device"] == "cpu" else f"{s['device']} ({s['gpu']})"
+    lines = [
+        f"vae_dist bench: {dev}, {m['cpu']}, {m['cores']} cores, {s['threads']} torch threads, torch {s['torch']}",
+        f"precision {s['precision']}, batch {s['batch_size']}, compile {s['compile']}, {s['steps']} steps x "
+        f"{s['repeats']} repeats after {s['warmup']} warm-up steps, data: {s['data']}",
+        *(
+            [f"other processes used at most {s['others_cores_max']:.2f} cores during the timed repeats"]
+            if s["others_cores_max"] is not None
+            else []
+        ),
+        "",
+    ]
+    mem = any("peak_rss_mib" in v for v in result["variants"].values())
+    head = "| variant | what | examples/s (median) | min - max | ms/step |" + (" peak RSS (MiB) |" if mem else "")
+    lines += [head, "| --- | --- | ---: | ---: | ---: |" + (" ---: |" if mem else "")]
+    for name, v in result["variants"].items():
+        what = WHAT[name]
+        if name == "minimal":
+            what += f" ({s['minimal_loss']} loss, {s['minimal_adam']} Adam)"
+        row = (
+            f"| {name} | {what} | {v['examples_per_s']:,.0f} | {min(v['runs']):,.0f} - {max(v['runs']):,.0f} "
+            f"| {v['ms_per_step']:.2f} |"
+        )
+        if mem:
+            row += f" {v['peak_rss_mib']:,.0f} |" if "peak_rss_mib" in v else " |"
+        lines.append(row)
+    if result["ratios"]:
+        lines += ["", "  ".join(f"{k}: {v:.2f}x" for k, v in result["ratios"].items())]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    problems = check_args(args)
+    if problems:
+        print(f"vae-bench: error: {' '.join(problems)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks: the Trainer picks CUDA whenever it sees one
+    import torch
+
+    from vae_dist.config import ConfigError
+    from vae_dist.data import DataError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("vae-bench: error: --device cuda but torch sees no CUDA device; use --device cpu.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.device == "cpu" and torch.cuda.is_available():
+        print("vae-bench: error: could not hide CUDA; run with CUDA_VISIBLE_DEVICES= set.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads is None:
+        args.threads = machine()["cores"]
+    torch.set_num_threads(args.threads)  # the same count for all three (the Trainer gets it as cpu_threads)
+
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    with tempfile.TemporaryDirectory(prefix="vae-bench-") as run_dir:
+        try:
+            cfg = bench_config(args, run_dir)
+            ctx = Context(cfg=cfg, device=device, args=args, real=has_real_data(cfg.data))
+            if args.probe:
+                print(json.dumps(probe(ctx, args.probe)))
+                return 0
+            names = [v for v in VARIANTS if v in {x.strip() for x in args.variants.split(",")}]
+            print(f"vae-bench: {device.type}, data: {ctx.data_label()}", file=sys.stderr, flush=True)
+            variants = time_variants(ctx, names)
+        except (ConfigError, DataError) as err:
+            print(f"vae-bench: error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    threads = torch.get_num_threads()
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    others = [o for v in variants.values() for o in v["others_cores"] if o is not None]
+    if others and max(others) > 0.1:
+        print(
+            f"vae-bench: warning: other processes used up to {max(others):.2f} cores during the timed repeats "
+            f"(in {sum(o > 0.1 for o in others)} of {len(others)}); rerun on an idle machine for numbers to quote.",
+            file=sys.stderr,
+        )
+    if not args.no_memory:
+        for name in names:
+            print(f"  {name}: measuring peak memory in a fresh process", file=sys.stderr, flush=True)
+            variants[name].update(probe_in_subprocess(argv, name))
+    ratios = {}
+    if "toolkit" in variants:
+        for other in ("original", "minimal"):
+            if other in variants:
+                ratios[f"toolkit/{other}"] = variants["toolkit"]["examples_per_s"] / variants[other]["examples_per_s"]
+    result = {
+        "settings": {
+            "device": device.type,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "precision": args.precision,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "compile": args.compile,
+            "threads": threads,
+            "minimal_loss": args.minimal_loss,
+            "minimal_adam": args.minimal_adam,
+            "data": ctx.data_label(),
+            "real_data": ctx.real,
+            "torch": torch.__version__,
+            "load_average": [load_before, load_after],  # 1-minute, before and after the timing
+            "others_cores_max": max(others) if others else None,
+        },
+        "machine": machine(),
+        "variants": variants,
+        "ratios": ratios,
+    }
+    print(render(result))
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
