@@ -64,15 +64,20 @@ def tiny_overrides(data_root: Path, tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each in-process training starts from a clean slate."""
+def fresh_process_state():
+    """Accelerate keeps process-wide singletons, and a Trainer (or the bench) sets torch's thread count
+    and subnormal mode for the whole process: each in-process test starts from a clean slate."""
+    import torch
     from accelerate.state import AcceleratorState, GradientState
 
+    threads = torch.get_num_threads()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
 
 
 def train_in_process(overrides: list[str]):

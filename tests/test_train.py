@@ -50,6 +50,42 @@ def test_bf16_mixed_precision_trains(tiny_overrides: list[str]) -> None:
     assert math.isfinite(summary["final_test_elbo"]) and summary["final_test_elbo"] < 600
 
 
+def test_hot_path_uses_fused_adam_and_flushes_subnormals(tiny_overrides: list[str]) -> None:
+    trainer, _ = train_in_process(tiny_overrides + ["train.max_steps=2"])
+    assert trainer.optimizer.optimizer.defaults["fused"] is True
+    assert torch.tensor([1e-39]).item() == 0.0  # subnormal float32: flushed to zero on this thread
+
+
+def test_flush_denormal_false_keeps_ieee_subnormals(tiny_overrides: list[str]) -> None:
+    train_in_process(tiny_overrides + ["train.max_steps=2", "train.flush_denormal=false"])
+    assert torch.tensor([1e-39]).item() > 0.0
+
+
+def test_compiled_model_trains_like_eager(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """train.compile runs the same arithmetic through torch.compile (inductor's C++ kernels on CPU)."""
+    _, eager = train_in_process(tiny_overrides + ["train.max_steps=4", f"run.dir={tmp_path / 'eager'}"])
+    _, compiled = train_in_process(
+        tiny_overrides + ["train.max_steps=4", "train.compile=true", f"run.dir={tmp_path / 'compiled'}"]
+    )
+    assert compiled["steps"] == 4
+    assert math.isclose(compiled["final_test_elbo"], eager["final_test_elbo"], rel_tol=1e-4)
+
+
+def test_train_examples_per_s_excludes_epoch_end_work(tiny_overrides: list[str], monkeypatch) -> None:
+    """Evaluation, pictures and saving after an epoch do not count as training time."""
+    from vae_dist.config import load_config
+    from vae_dist.trainer import Trainer
+
+    trainer = Trainer(load_config(None, tiny_overrides))
+    clock = iter([1000.0, 1030.0])  # end_epoch starts at 1000 s and its work takes 30 s
+    monkeypatch.setattr("vae_dist.trainer.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr(trainer, "evaluate", lambda: {"elbo": 1.0, "recon": 0.5, "kl": 0.5, "loss": 1.0})
+    monkeypatch.setattr(trainer, "draw_figures", lambda: None)
+    trainer.window_start = (900.0, 0)
+    trainer.end_epoch()
+    assert trainer.window_start == (930.0, 0)
+
+
 def test_cli_runs_as_script_and_module(tiny_overrides: list[str], tmp_path: Path) -> None:
     for i, entry in enumerate([["-m", "vae_dist.train"], [str(REPO / "vae_dist" / "train.py")]]):
         run = tmp_path / f"cli{i}"

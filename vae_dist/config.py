@@ -131,7 +131,10 @@ class TrainConfig:
     max_nonfinite: int = 3  # consecutive non-finite losses before the run stops with an error
     resume: str = "auto"  # auto: newest valid checkpoint in run.dir | none | path to a checkpoint dir
     compile: bool = False  # torch.compile the model
+    # torch.compile mode; "reduce-overhead" replays the compiled forward and backward as CUDA graphs on CUDA
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     cpu_threads: int | None = None  # torch threads per process on CPU; None = usable cores / local processes
+    flush_denormal: bool = True  # on CPU, treat subnormal floats as zero (x86: ~40% faster after ~700 steps)
 
     def problems(self) -> list[str]:
         out = []

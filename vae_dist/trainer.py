@@ -84,6 +84,12 @@ def build_state(cfg: Config) -> PartialState:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
         torch.set_num_threads(cfg.train.cpu_threads or max(1, cores // local))
+        # After ~700 steps, Adam's first moment of weights that almost never get a gradient (MNIST's
+        # black border pixels, dead ReLU units) decays into float32's subnormal range, where every x86
+        # operation on it is many times slower: a CPU run loses ~40% of its speed for no accuracy.
+        # Worker threads copy this mode from the main thread when they start, so it is set before
+        # the first parallel operation of `vae-train`.
+        torch.set_flush_denormal(cfg.train.flush_denormal)
     return state
 
 
@@ -145,19 +151,19 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and topology
         model = VAE(x_dim=self.train_images.shape[1], hidden_dims=cfg.model.hidden_dims, z_dim=cfg.model.z_dim)
-        fused = acc.device.type == "cuda"
+        # Fused Adam (one kernel over all parameters) on CPU and CUDA: on the 2-core CPU it takes
+        # 0.5 ms a step where the default per-tensor loop takes 1.2 ms and foreach 1.4 ms.
         optimizer = torch.optim.Adam(
             model.parameters(),
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
-            fused=fused,
-            foreach=None if fused else True,
+            fused=True,
         )
         loader = index_loader(len(train), self.micro)
         self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
         if cfg.train.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, mode=cfg.train.compile_mode)
 
         self.steps_per_epoch = len(self.loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -287,6 +293,7 @@ class Trainer:
             self.save_checkpoint()
 
     def end_epoch(self) -> dict[str, float]:
+        started = time.perf_counter()
         test = self.evaluate()
         self.best_test_elbo = min(self.best_test_elbo, test["elbo"])
         self.log_test(test)
@@ -297,6 +304,9 @@ class Trainer:
         every = self.cfg.checkpoint.every_epochs
         if every and self.step_in_epoch == 0 and self.epoch % every == 0 and self.epoch < self.cfg.train.epochs:
             self.save_checkpoint()  # the last epoch is saved by fit() itself
+        # Train examples/s measures training: its clock stops during evaluation, pictures and saving.
+        t_start, step_start = self.window_start
+        self.window_start = (t_start + time.perf_counter() - started, step_start)
         return test
 
     def reached_max_steps(self) -> bool:
