@@ -26,21 +26,12 @@ SETTINGS = {
     "data",
     "real_data",
     "torch",
+    "denormals",
     "load_average",
     "others_cores_max",
 }
 VARIANT_FIELDS = {"examples_per_s", "runs", "ms_per_step", "others_cores"}
 MEMORY_FIELDS = {"peak_rss_mib", "rss_after_imports_mib", "peak_rss_over_imports_mib"}
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    """bench.main sets torch's thread count for the whole process; later tests get theirs back."""
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def check_result(result: dict, variants=bench.VARIANTS, memory: bool = False) -> None:
@@ -115,3 +106,11 @@ def test_bad_input_exits_2_with_a_sentence(args: list[str], message: str, capsys
     assert bench.main(args) == bench.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith("vae-bench: error:") and message in err
+
+
+@pytest.mark.parametrize(("option", "flush"), [([], True), (["--denormals", "keep"], False)])
+def test_toolkit_gets_the_subnormal_mode_of_the_other_variants(option: list[str], flush: bool, tmp_path: Path) -> None:
+    cfg = bench.bench_config(
+        bench.parse_args([*option, "--threads", "1", f"data.root={tmp_path}"]), str(tmp_path / "run")
+    )
+    assert cfg.train.flush_denormal is flush
