@@ -11,9 +11,10 @@ Three variants train the same 784-512-256-2 VAE with Adam (issue 8):
   minimal   the hand-written floor: the whole split as one float tensor on the device, batches by
             indexing a permutation, `.item()` every step (reference/minimal_loop.py; logits loss by
             default, the toolkit's arithmetic).
-  toolkit   a real `vae_dist.trainer.Trainer`, driven as `Trainer.fit` drives it: `train_step` for
-            every micro-batch of `epoch_batches()`, then `after_optimizer_step` (counters, scheduler,
-            health check and `log_train` every tracking.log_every_steps) and the stop checks.
+  toolkit   a real `vae_dist.trainer.Trainer`, driven as `Trainer.fit` drives it: `optimizer_steps()`
+            (`train_step` for every micro-batch of `epoch_batches()`, then `after_optimizer_step`:
+            counters, scheduler, health check and `log_train` every tracking.log_every_steps) and
+            the stop checks.
 
 Each variant is built once, warmed up, then timed for `--steps` optimizer steps per repeat, the
 variants alternating (a b c, b c a, c a b, ...) so that load from other processes spreads over all
@@ -391,9 +392,9 @@ def minimal_loop(ctx: Context) -> Iterator[int]:
 
 
 def toolkit_loop(ctx: Context) -> Iterator[int]:
-    """(c) the real trainer: train_step over epoch_batches() and fit()'s per-step bookkeeping
-    (after_optimizer_step: counters, scheduler, health check and log_train every log_every_steps;
-    stop_requested; reached_max_steps), nothing copied. The epoch-end work of fit() (evaluate,
+    """(c) the real trainer, driven as fit() drives it: `Trainer.optimizer_steps` (train_step over
+    epoch_batches(), then after_optimizer_step: counters, scheduler, health check and log_train
+    every log_every_steps), stop_requested and reached_max_steps, nothing copied. The epoch-end work of fit() (evaluate,
     figures, checkpoints) is not timed, as in the other two variants."""
     from accelerate.state import AcceleratorState, GradientState
 
@@ -409,21 +410,12 @@ def toolkit_loop(ctx: Context) -> Iterator[int]:
         train, test = ctx.splits()
         trainer = Trainer(cfg, train=train, test=test)
     trainer.prepare_run_dir()  # metrics.jsonl goes to a temporary run.dir
-    acc = trainer.accelerator
     while True:
-        examples = 0
-        for micro, idx in enumerate(trainer.epoch_batches()):
-            trainer.train_step(idx, micro % trainer.accum)
-            examples += idx.shape[0] * acc.num_processes
-            if acc.sync_gradients:  # what fit() does after each optimizer step
-                trainer.after_optimizer_step()
-                if trainer.stop_requested() or trainer.reached_max_steps():
-                    raise RuntimeError("the toolkit asked to stop: the bench sets no signal handler and no max_steps")
-                yield examples
-                examples = 0
-        if trainer.step_in_epoch == trainer.steps_per_epoch:
-            trainer.epoch += 1
-            trainer.step_in_epoch = 0
+        for _ in trainer.optimizer_steps():  # fit()'s inner loop: train_step per micro-batch, after_optimizer_step
+            if trainer.stop_requested() or trainer.reached_max_steps():
+                raise RuntimeError("the toolkit asked to stop: the bench sets no signal handler and no max_steps")
+            yield cfg.train.batch_size  # one global batch per optimizer step
+        trainer.close_epoch()
 
 
 LOOPS: dict[str, Callable[[Context], Iterator[int]]] = {
@@ -570,8 +562,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "platform": platform.platform(), "python": platform.python_version()}
+    from vae_dist.processes import usable_cores
+
+    return {"cpu": cpu, "cores": usable_cores(), "platform": platform.platform(), "python": platform.python_version()}
 
 
 def render(result: dict) -> str:

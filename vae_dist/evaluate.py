@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from accelerate import Accelerator
 from vae_dist.config import DataConfig, read_yaml
 from vae_dist.data import DataError, load_data, to_unit
 from vae_dist.model import VAE, log_weights, loss_terms
+from vae_dist.processes import LaunchError, check_launch, set_cpu_threads
 
 TERMS = ("loss", "elbo", "recon", "kl")
 EVAL_STREAM = 2  # noise stream id; training uses 1 (see trainer.seed_for)
@@ -199,16 +199,6 @@ def load_model(model_dir: Path, device: torch.device) -> VAE:
     return model.to(device).eval()
 
 
-def set_cpu_threads(accelerator: Accelerator, threads: int | None) -> None:
-    """`threads` per process, or share the usable cores between this machine's processes
-    (`accelerate launch` alone would set 1 each): the rule of train.cpu_threads in the trainer."""
-    if accelerator.device.type != "cpu":
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    torch.set_num_threads(threads or max(1, cores // local))
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="vae-evaluate",
@@ -278,15 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and acc.num_processes == 1:
-        print(
-            f"vae-evaluate: error: the launcher set WORLD_SIZE={world} but only one process joined the group; on a "
-            "CPU machine launch with `accelerate launch --multi_gpu --num_processes N` (not --cpu).",
-            file=sys.stderr,
-        )
+    try:
+        check_launch(acc.num_processes)
+    except LaunchError as err:
+        print(f"vae-evaluate: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    set_cpu_threads(acc, args.cpu_threads)
+    if acc.device.type == "cpu":
+        set_cpu_threads(args.cpu_threads, acc.num_processes)
     try:
         model_dir = resolve_model_dir(args.model)
         run_data, run_config = training_data_config(model_dir)

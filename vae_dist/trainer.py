@@ -45,14 +45,11 @@ from vae_dist.data import Split, index_loader, load_data, to_unit
 from vae_dist.evaluate import TERMS, evaluate_elbo, seed_for
 from vae_dist.figures import write_figures
 from vae_dist.model import VAE, loss_terms
+from vae_dist.processes import LaunchError, check_launch, set_cpu_threads
 from vae_dist.tracking import MetricsFile, Tracker, log_with, start_tracker
 
 TRAIN_STREAM = 1  # noise stream id of training steps; evaluation uses EVAL_STREAM
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
-class LaunchError(RuntimeError):
-    """The launcher asked for several processes but this one is alone: refuse rather than train N copies."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,27 +60,9 @@ def build_state(cfg: Config) -> PartialState:
     """The process group. On a machine without CUDA, `cpu=True` gives a gloo group under
     `accelerate launch --multi_gpu`; a launcher that asked for N processes but reached one is refused."""
     state = PartialState(cpu=not torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and state.num_processes == 1:
-        raise LaunchError(
-            f"the launcher set WORLD_SIZE={world} but only one process joined the group, so {world} "
-            "independent copies would train and overwrite each other's files. On a CPU machine launch "
-            "with `accelerate launch --multi_gpu --num_processes N` (not --cpu)."
-        )
-    if os.environ.get("ACCELERATE_USE_CPU") == "True" and "MASTER_ADDR" in os.environ and state.num_processes == 1:
-        # `accelerate launch --cpu --num_processes N` (N > 1) exports MASTER_ADDR for an MPI launcher
-        # and then starts one plain process: the user asked for N and would silently get 1.
-        raise LaunchError(
-            "`accelerate launch --cpu --num_processes N` starts a single process without MPI. For N CPU "
-            "processes in a gloo group use `accelerate launch --multi_gpu --num_processes N` (it uses the CPU "
-            "when there is no GPU); for one process drop --num_processes."
-        )
+    check_launch(state.num_processes)
     if state.device.type == "cpu":
-        # `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core
-        # machine's speed; share the usable cores between this machine's processes instead.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
-        torch.set_num_threads(cfg.train.cpu_threads or max(1, cores // local))
+        set_cpu_threads(cfg.train.cpu_threads, state.num_processes)
         # After ~700 steps, Adam's first moment of weights that almost never get a gradient (MNIST's
         # black border pixels, dead ReLU units) decays into float32's subnormal range, where every x86
         # operation on it is many times slower: a CPU run loses ~40% of its speed for no accuracy.
@@ -206,7 +185,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- the algorithm
     def fit(self) -> dict[str, float]:
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         self.prepare_run_dir()
         self.start_tracking()
         handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
@@ -217,17 +196,12 @@ class Trainer:
             while self.epoch < cfg.train.epochs and not self.reached_max_steps():
                 self.console.new_epoch(self.epoch, self.steps_per_epoch)
                 self.console.advance_steps(self.step_in_epoch)
-                for micro, idx in enumerate(self.epoch_batches()):
-                    self.train_step(idx, micro % self.accum)
-                    if acc.sync_gradients:
-                        self.after_optimizer_step()
-                        if self.stop_requested():
-                            return self.preempt()
-                        if self.reached_max_steps():
-                            break
-                if self.step_in_epoch == self.steps_per_epoch:  # a whole epoch, not a max_steps stop
-                    self.epoch += 1
-                    self.step_in_epoch = 0
+                for _ in self.optimizer_steps():
+                    if self.stop_requested():
+                        return self.preempt()
+                    if self.reached_max_steps():
+                        break
+                self.close_epoch()
                 test = self.end_epoch()
         finally:
             for s, h in handlers.items():
@@ -241,6 +215,20 @@ class Trainer:
         if self.cfg.tracking.log_model:
             self.tracker.log_model(path)
         return self.summary(test, elapsed, start_step)
+
+    def optimizer_steps(self):
+        """Train the rest of the current epoch, pausing after each optimizer step (one global batch)."""
+        for micro, idx in enumerate(self.epoch_batches()):
+            self.train_step(idx, micro % self.accum)
+            if self.accelerator.sync_gradients:
+                self.after_optimizer_step()
+                yield
+
+    def close_epoch(self) -> None:
+        """Count the epoch as completed when all its steps ran (a max_steps stop leaves it open)."""
+        if self.step_in_epoch == self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
 
     def train_step(self, idx: torch.Tensor, micro: int) -> None:
         """One micro-batch: forward, backward; on the last micro-batch of a step, clip and update."""
