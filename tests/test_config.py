@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from vae_dist.config import Config, ConfigError, load_config
+from vae_dist.config import Config, ConfigError, OptimConfig, load_config
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -80,7 +80,7 @@ def test_accumulation_arithmetic() -> None:
         load_config(None, ["train.batch_size=100"]).train.accumulation_steps(3)
 
 
-@pytest.mark.parametrize("override", ["train.epochs=-1", "model.z_dim=abc", "optim.lrr=1"])
+@pytest.mark.parametrize("override", ["train.epochs=-1", "model.z_dim=abc", "optim.lrr=1", "optim.lr=inf"])
 def test_cli_bad_override_exits_with_one_line_and_writes_nothing(override: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -101,3 +101,116 @@ def test_cli_bad_override_exits_with_one_line_and_writes_nothing(override: str, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and override.split("=")[0] in lines[0]
     assert not run_dir.exists() and not (tmp_path / "runs").exists()
+
+
+# Issue 13: inf and nan in every spelling, as an override and in a file, stop the run with the key named.
+NON_FINITE = [  # (spelling, how the message shows it)
+    (".inf", "inf"),
+    ("-.inf", "-inf"),
+    (".nan", "nan"),
+    (".NaN", "nan"),
+    ("1e400", "inf"),  # beyond float range: YAML reads inf
+    ("1.0e+400", "inf"),
+    ("-1e400", "-inf"),
+    ("inf", "inf"),  # YAML leaves these strings, but float() would accept them
+    ("nan", "nan"),
+    ("-inf", "-inf"),
+    ("Infinity", "Infinity"),
+    ("NaN", "NaN"),
+]
+
+
+@pytest.mark.parametrize("spelling, shown", NON_FINITE, ids=[s for s, _ in NON_FINITE])
+def test_non_finite_override_is_refused(spelling: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"optim.lr={spelling}"])
+    assert f"optim.lr={shown}: must be a finite number" in str(err.value)
+    assert "e.g. optim.lr=0.001" in str(err.value)
+
+
+@pytest.mark.parametrize("spelling, shown", NON_FINITE, ids=[s for s, _ in NON_FINITE])
+def test_non_finite_in_config_file_is_refused(spelling: str, shown: str, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optim:\n  lr: {spelling}\n  weight_decay: {spelling}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    for key in ("lr", "weight_decay"):
+        assert f"optim.{key}={shown}: must be a finite number" in str(err.value)
+
+
+def test_integer_too_large_for_a_float_is_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.lr=1" + "0" * 400])
+    assert "optim.lr=10000000000000000000... (401 characters): must be a finite number" in str(err.value)
+
+
+@pytest.mark.parametrize("betas", ["[0.9, .nan]", "[.inf, 0.999]", "[0.9, 1e400]", "[0.9, nan]"])
+def test_non_finite_inside_a_list_is_refused(betas: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"optim.betas={betas}"])
+    assert "optim.betas=[" in str(err.value) and "must be a list of finite numbers" in str(err.value)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optim:\n  betas: {betas}\n")
+    with pytest.raises(ConfigError, match=r"optim\.betas=\[.*\]: must be a list of finite numbers"):
+        load_config(path)
+
+
+def test_non_finite_leaves_ints_and_finite_floats_alone() -> None:
+    with pytest.raises(ConfigError, match=r"train\.epochs=inf: must be an integer\."):
+        load_config(None, ["train.epochs=.inf"])
+    cfg = load_config(None, ["optim.lr=1e-300", "optim.betas=[0, 0.5]", "train.epochs=7", "optim.grad_clip=1e308"])
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.train.epochs, cfg.optim.grad_clip) == (1e-300, [0.0, 0.5], 7, 1e308)
+
+
+def test_non_finite_collected_with_every_other_problem() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.lr=.nan", "optim.step_gamma=inf", "model.z_dim=abc", "optim.lrr=1", "nodot=1"])
+    message = str(err.value)
+    for fragment in ("optim.lr=nan", "optim.step_gamma=inf", "model.z_dim='abc'", "optim.lrr", "'nodot=1'"):
+        assert fragment in message
+
+
+def test_range_check_refuses_nan_on_a_dataclass_built_directly() -> None:
+    # NaN passes every comparison, so problems() needs its own finiteness check.
+    assert OptimConfig(lr=float("nan")).problems() == ["optim.lr=nan: must be a finite number."]
+    assert OptimConfig(grad_clip=float("inf")).problems() == ["optim.grad_clip=inf: must be a finite number."]
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t\n", "# only a comment\n\n# and another\n", "---\n"])
+def test_empty_config_file_is_refused(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"config file {path} is empty" in message
+    assert "copy configs/mnist.yaml" in message and "drop --config" in message
+
+
+@pytest.mark.parametrize(
+    "text, kind", [("- data\n- model\n", "a list"), ("42\n", "a number"), ("just words\n", "a string")]
+)
+def test_top_level_that_is_not_a_mapping_is_refused(text: str, kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"config file {path} holds {kind} at the top level, but it must be a mapping of sections" in str(err.value)
+
+
+@pytest.mark.parametrize("text, kind", [("optim: [1, 2]\n", "a list"), ("optim: 3\n", "a number")])
+def test_section_that_is_not_a_mapping_is_refused_with_other_problems(text: str, kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "train:\n  epochs: abc\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["model.z_dim=0"])
+    message = str(err.value)
+    assert f"{path}: section 'optim' holds {kind}, but it must be a mapping of key: value lines" in message
+    assert "train.epochs='abc'" in message
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1\n betas: [1\n")
+    with pytest.raises(ConfigError, match=r"is not readable YAML \(.* at line 3, column 2\)"):
+        load_config(path)

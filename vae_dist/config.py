@@ -1,13 +1,14 @@
 """One typed config tree: YAML file in configs/, overridden on the command line as section.key=value.
 
 Every field carries its unit or its choices in the trailing comment. `load_config` checks types,
-choices and ranges of every key and raises one `ConfigError` that lists all problems, each a
-sentence naming the key, before anything is written to disk.
+choices and ranges of every key (numbers must be finite: no inf or nan) and raises one `ConfigError`
+that lists all problems, each a sentence naming the key, before anything is written to disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -49,6 +50,9 @@ def _check(value: Any, *, ge: float | None = None, gt: float | None = None) -> s
     """Range check for numbers; returns what is allowed when `value` is out of range."""
     if value is None:
         return None
+    # NaN compares false with everything, so it would pass every bound below (issue 13).
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
     if ge is not None and value < ge:
         return f"must be >= {ge}"
     if gt is not None and value <= gt:
@@ -284,6 +288,55 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
+def _non_finite(value: Any, tp: Any) -> bool:
+    """True when a number for a float-typed key (or inside a list of them) is infinite or NaN, in any spelling:
+    YAML's .inf/.nan, 1e400 (which YAML reads as inf), the strings inf/nan (YAML leaves them strings but
+    Python's float() accepts them), or an integer too large for a float."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return value is not None and any(_non_finite(value, a) for a in get_args(tp) if a is not type(None))
+    if origin is list:
+        return isinstance(value, list) and any(_non_finite(v, get_args(tp)[0]) for v in value)
+    if tp is not float or isinstance(value, bool):
+        return False
+    try:
+        return not math.isfinite(float(value)) if isinstance(value, (int, float, str)) else False
+    except OverflowError:  # float(10**400)
+        return True
+    except ValueError:  # a string that is no number at all: _coerce reports it as the wrong type
+        return False
+
+
+def _finite_name(tp: Any) -> str:
+    """'a finite number', 'a list of finite numbers', '... or null': what a float-typed key accepts."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_finite_name(a) for a in get_args(tp) if a is not type(None)) + " or null"
+    return "a list of finite numbers" if get_origin(tp) is list else "a finite number"
+
+
+def _shown(value: Any) -> str:
+    """A value as the user would type it (inf, not 'inf'), cut short when it is a 400-digit integer."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _yaml_kind(value: Any) -> str:
+    """What a YAML value is, in YAML's words: 'a list', 'a string', 'a number', ..."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", str: "a string"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _default(cls: type, key: str) -> Any:
+    """The field's default value, for an example in an error message."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == key)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
 def _build_section(name: str, values: dict[str, Any], errors: list[str]) -> Any:
     cls = SECTIONS[name]
     hints = typing.get_type_hints(cls)
@@ -291,6 +344,14 @@ def _build_section(name: str, values: dict[str, Any], errors: list[str]) -> Any:
     for key, value in values.items():
         if key not in hints:
             errors.append(f"{name}.{key} is not a config key; {name} has: {', '.join(hints)}.")
+            continue
+        if _non_finite(value, hints[key]):
+            default = _default(cls, key)
+            example = f", e.g. {name}.{key}={default}" if default is not None else ""
+            errors.append(
+                f"{name}.{key}={_shown(value)}: must be {_finite_name(hints[key])} (inf and nan are refused, "
+                f"and YAML reads a number beyond ±1.8e308 as inf); give an ordinary value{example}."
+            )
             continue
         ok, coerced = _coerce(value, hints[key])
         if not ok:
@@ -308,7 +369,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     section, key = dotted.split(".", 1)
     try:
         value = read_yaml(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer over Python's 4300-digit limit
         value = raw
     return section, key, value
 
@@ -316,25 +377,56 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply section.key=value overrides, check everything, return the Config."""
     tree: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []  # a bad section or override is reported with every other problem, not alone
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(
                 f"config file {path} does not exist; pass one of the files in configs/, e.g. --config configs/mnist.yaml."
             )
-        loaded = read_yaml(path.read_text()) or {}
+        try:
+            text = path.read_text()
+            loaded = read_yaml(text) if text.strip() else None  # YAML refuses a tab even in a blank file
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: not UTF-8, or an integer over 4300 digits
+            mark = getattr(err, "problem_mark", None)  # yaml's own text spans lines; keep its problem and place
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(err, "problem", None) or (str(err).splitlines() or [""])[0]
+            raise ConfigError(
+                f"config file {path} is not readable YAML ({what}{where}); fix it, "
+                "or start again from a copy of configs/mnist.yaml."
+            ) from err
+        if loaded is None:  # 0 bytes, only blanks or only comments: a run on silent defaults is a mistake
+            raise ConfigError(
+                f"config file {path} is empty (no sections, only blanks or comments); copy configs/mnist.yaml "
+                "and edit it, or drop --config to run with the defaults."
+            )
         if not isinstance(loaded, dict):
             raise ConfigError(
-                f"config file {path} must hold a mapping of sections (data, model, ...), not {type(loaded).__name__}."
+                f"config file {path} holds {_yaml_kind(loaded)} at the top level, but it must be a mapping of "
+                "sections (data:, model:, optim:, ...) each holding key: value lines; see configs/mnist.yaml."
             )
         for section, values in loaded.items():
             if values is not None and not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value.")
+                errors.append(
+                    f"{path}: section {section!r} holds {_yaml_kind(values)}, but it must be a mapping of "
+                    "key: value lines indented under it, as in configs/mnist.yaml."
+                )
+                continue
             tree[section] = dict(values or {})
     for text in overrides:
-        section, key, value = parse_override(text)
+        try:
+            section, key, value = parse_override(text)
+        except ConfigError as err:
+            errors.append(str(err))
+            continue
         tree.setdefault(section, {})[key] = value
-    return config_from_dict(tree)
+    try:
+        cfg = config_from_dict(tree)
+    except ConfigError as err:
+        errors.append(str(err))
+    if errors:
+        raise ConfigError(" ".join(errors))
+    return cfg
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

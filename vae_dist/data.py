@@ -1,12 +1,16 @@
 """MNIST-family data held as one uint8 tensor per split; batches are built by indexing it.
 
-torchvision's dataset classes only read (or download) the IDX files. After that every split is a
-single [N, 784] uint8 tensor, so a batch costs one index operation instead of N PIL conversions.
+torchvision's dataset classes only read (or download) the IDX files; their headers and sizes are
+checked here first, so a bad file is named with the check it failed, and a failed download removes what
+it wrote. After that every split is a single [N, 784] uint8 tensor, so a batch costs one index
+operation instead of N PIL conversions.
 The DataLoader handed to Accelerate yields example *indices*; Accelerate shards and shuffles them.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,11 @@ IDX_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 PIXELS = 28 * 28
+# IDX headers are big-endian uint32s: magic, count, then rows and columns for images (yann.lecun.com/exdb/mnist).
+# The magic's third byte is the element type (0x08: unsigned byte), the fourth the number of dimensions.
+IMAGE_MAGIC = 0x00000803  # 2051: [count, 28, 28] unsigned bytes, 16-byte header
+LABEL_MAGIC = 0x00000801  # 2049: [count] unsigned bytes, 8-byte header
+_REPLACE = "Replace it with the original (MNIST publishes MD5 sums)."
 # Static binarization (and the fixed test binarization under `dynamic`) draws from this seed, so
 # every run, whatever its train.seed, sees the same binary test set.
 BINARIZE_SEED = 1234
@@ -55,15 +64,104 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
+def _idx_count(path: Path, magic: int, problems: list[str]) -> int | None:
+    """Checks one IDX file from its header and its size alone; returns its example count, or None after
+    adding a sentence that names the file and the check that failed to `problems`."""
+    images = magic == IMAGE_MAGIC
+    kind, header, item = ("image", 16, PIXELS) if images else ("label", 8, 1)
+    size = os.stat(path).st_size
+    with open(path, "rb") as f:
+        head = f.read(header)
+    if len(head) < header:
+        problems.append(
+            f"{path}: {size} bytes, shorter than the {header}-byte header of an IDX {kind} file; the file is "
+            f"truncated. {_REPLACE}"
+        )
+        return None
+    found, n = struct.unpack(">II", head[:8])
+    if found != magic:
+        gzip = " (it starts like a gzip archive: decompress it with gunzip)" if head[:2] == b"\x1f\x8b" else ""
+        problems.append(
+            f"{path}: magic number 0x{found:08x}, expected 0x{magic:08x} for an IDX {kind} file{gzip}; the file "
+            f"is corrupt or not an MNIST {kind} file. {_REPLACE}"
+        )
+        return None
+    if images:
+        rows, cols = struct.unpack(">II", head[8:16])
+        if (rows, cols) != (28, 28):
+            problems.append(
+                f"{path}: images of {rows} x {cols} pixels, expected 28 x 28; the file is corrupt or not from an "
+                f"MNIST-family dataset. {_REPLACE}"
+            )
+            return None
+    expected = header + n * item
+    if size != expected:
+        problems.append(
+            f"{path}: {size} bytes, expected {expected} ({header}-byte header + {n} {kind}s x {item} bytes); the "
+            f"file is truncated or has trailing bytes. {_REPLACE}"
+        )
+        return None
+    return n
+
+
+def check_idx(raw: Path, train: bool) -> None:
+    """Check one split's two IDX files from their headers and sizes before torchvision reads them; raises a
+    DataError naming every bad file and the check it failed. Reads 24 bytes, never the pixels."""
+    split, prefix = ("train", "train") if train else ("test", "t10k")
+    images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    problems: list[str] = []
+    n_images = _idx_count(images, IMAGE_MAGIC, problems)
+    n_labels = _idx_count(labels, LABEL_MAGIC, problems)
+    if n_images is not None and n_labels is not None and n_images != n_labels:
+        problems.append(
+            f"{images} holds {n_images} images but {labels} holds {n_labels} labels; the two files of the "
+            f"{split} split must hold the same number of examples. Replace both with the originals (MNIST "
+            "publishes MD5 sums)."
+        )
+    if problems:
+        raise DataError(" ".join(problems))
+
+
+def _remove_created(raw: Path, new_folders: list[Path], old_entries: set[Path]) -> None:
+    """Undo a failed download: delete what appeared under `raw` since `old_entries` was listed, then the
+    folders in `new_folders` (deepest first) while they are empty. Files that were there before stay."""
+    if raw.is_dir():
+        new = [p for p in raw.rglob("*") if p not in old_entries]
+        for p in sorted(new, key=lambda p: len(p.parts), reverse=True):  # a folder's files before the folder
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    p.rmdir()
+                else:
+                    p.unlink(missing_ok=True)
+            except OSError:  # a folder that still holds something: leave it
+                pass
+    for folder in new_folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:  # the attempt failed before it made this folder
+            continue
+        except OSError:  # not empty (someone else wrote there): keep it and its parents
+            break
+
+
 def _open(cfg: DataConfig, train: bool) -> datasets.MNIST:
     cls = DATASETS[cfg.dataset]
-    if all((raw_folder(cfg) / name).is_file() for name in IDX_FILES):
+    raw = raw_folder(cfg)
+    if all((raw / name).is_file() for name in IDX_FILES):
+        check_idx(raw, train)
         return cls(root=cfg.root, train=train, download=False)
     if cfg.download:
+        # torchvision creates <root>/<Dataset>/raw and writes .gz files there as it goes; a failed attempt
+        # must leave the disk as it found it, so note what is there now.
+        new_folders = [p for p in (raw, *raw.parents) if not p.exists()]  # deepest first
+        old_entries = set(raw.rglob("*")) if raw.is_dir() else set()
         try:
             return cls(root=cfg.root, train=train, download=True)
-        except Exception as err:  # any network failure: the user needs the same advice
-            reason = f"the download failed ({_first_line(err)})"
+        except BaseException as err:  # Ctrl-C mid-download leaves partial files too
+            _remove_created(raw, new_folders, old_entries)
+            if not isinstance(err, Exception):
+                raise
+            reason = f"the download failed ({_first_line(err)})"  # any network failure: the same advice
     else:
         reason = "data.download=false"
     raise DataError(
@@ -97,7 +195,8 @@ def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def load_data(cfg: DataConfig) -> tuple[Split, Split]:
-    """(train, test) splits. A truncated or corrupt IDX file becomes a DataError naming the folder."""
+    """(train, test) splits. A truncated or corrupt IDX file becomes a DataError naming the file (or, for what
+    the header checks cannot see, the folder)."""
     try:
         return load_split(cfg, train=True), load_split(cfg, train=False)
     except DataError:
