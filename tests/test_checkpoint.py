@@ -164,6 +164,139 @@ def test_disk_full_during_save_keeps_previous_checkpoint(
     assert verify(run / "checkpoints" / "step-00000008") is None
 
 
+def reset_accelerate() -> None:
+    """Accelerate's singletons must be fresh for each Trainer built in this process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def write_torch_pickle(path: Path, fmt: str) -> None:
+    """What torch.save writes: a zip archive (the default) or a raw pickle (the legacy format)."""
+    torch.save({"w": torch.zeros(3)}, path, _use_new_zipfile_serialization=fmt == "zip")
+
+
+def test_pickle_named_safetensors_is_refused_on_resume(ckpt_overrides: list[str], tmp_path: Path) -> None:
+    """Issue 13: a torch.save file renamed *.safetensors is refused as a pickle, before its manifest is
+    checked, on resume from a path; train.resume=auto skips that checkpoint for the previous one."""
+    run = tmp_path / "run"
+    train_in_process(ckpt_overrides)
+    newest, older = run / "checkpoints" / "step-00000016", run / "checkpoints" / "step-00000008"
+    for name, fmt in [
+        ("model.safetensors", "zip"),
+        ("optimizer.safetensors", "raw"),
+        ("trainer.safetensors", "zip"),
+        ("model.safetensors", "raw"),
+    ]:
+        original = (newest / name).read_bytes()
+        write_torch_pickle(newest / name, fmt)
+        reset_accelerate()
+        with pytest.raises(
+            CheckpointError, match=r"(zip archive|raw pickle) written by torch\.save.*never unpickles"
+        ) as err:
+            Trainer(load_config(None, ckpt_overrides + [f"train.resume={newest}"]))
+        assert str(newest / name) in str(err.value) and "pickle" in str(err.value)
+        assert "manifest" not in str(err.value)  # the pickle check comes first
+        reset_accelerate()
+        with pytest.warns(UserWarning, match=rf"skipping checkpoint .*step-00000016.*{name} .*pickle"):
+            trainer = Trainer(load_config(None, ckpt_overrides + ["train.epochs=3"]))  # train.resume=auto
+        assert trainer.step == 8 and verify(older) is None
+        (newest / name).write_bytes(original)
+    assert verify(newest) is None
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """mount(folder, bytes): a tmpfs of that size at `folder` (root only; skips where mounting is not
+    permitted), unmounted after the test."""
+    import os
+    import shutil
+
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: int) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a real full disk needs root to mount a small tmpfs; the simulated ENOSPC test covers it")
+        folder.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"mount -t tmpfs is not permitted here ({proc.stderr.strip()})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_real_full_disk_during_save(ckpt_overrides: list[str], tmp_path: Path, small_disk) -> None:
+    """checkpoints/ on a tmpfs that holds one checkpoint and a half: the first save fits, the second
+    runs out of space (safetensors raises SafetensorError, not OSError)."""
+    params = sum(p.numel() for p in VAE(784, [64, 32], 2).parameters())  # the tiny_overrides model
+    one_checkpoint = 12 * params  # fp32 weights + two Adam moments: ~1.3 MB
+    checkpoints = small_disk(tmp_path / "run" / "checkpoints", one_checkpoint * 3 // 2)
+    with pytest.raises(CheckpointError) as err:
+        train_in_process(ckpt_overrides)
+    message = str(err.value)
+    assert "No space left on device" in message
+    assert f"writing {checkpoints / 'step-00000016'}/" in message  # the file, as named in the checkpoint
+    assert f"the previous checkpoint {checkpoints / 'step-00000008'} is intact" in message
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000008"]  # no .tmp-* left
+    assert verify(checkpoints / "step-00000008") is None
+
+
+def test_safetensors_error_during_save_is_a_sentence(
+    ckpt_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_file reports a full disk as SafetensorError ("... (os error 28)"); simulated here, so it
+    runs on any machine."""
+    from safetensors import SafetensorError
+
+    run = tmp_path / "run"
+    train_in_process(ckpt_overrides + ["train.epochs=1"])
+    real_save = ckpt_mod.save_file
+
+    def save_then_fill_disk(tensors, filename, metadata=None):
+        if filename.endswith("trainer.safetensors"):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", save_then_fill_disk)
+    reset_accelerate()
+    with pytest.raises(CheckpointError) as err:
+        train_in_process(ckpt_overrides + ["train.epochs=2"])
+    final = run / "checkpoints" / "step-00000016"
+    assert f"could not write checkpoint {final}: writing {final / 'trainer.safetensors'} failed" in str(err.value)
+    assert "No space left on device (os error 28)" in str(err.value)
+    assert f"previous checkpoint {run / 'checkpoints' / 'step-00000008'} is intact" in str(err.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000008"]
+
+
+def test_clear_stale_temps_removes_only_temp_dirs(tmp_path: Path) -> None:
+    root = tmp_path / "run" / "checkpoints"
+    crashed = root / ".tmp-step-00000008-4242"
+    crashed.mkdir(parents=True)
+    (crashed / "model.safetensors").write_bytes(b"partial")
+    (root / ".tmp-step-00000016-4243").mkdir()
+    kept = [root / "step-00000004", root / ".tmp-note", root / ".tmp-link", root / "tmp-step-1", tmp_path / "outside"]
+    kept[0].mkdir()
+    kept[1].write_text("a file, not a save")
+    kept[4].mkdir()
+    (kept[4] / "data").write_text("keep")
+    kept[2].symlink_to(kept[4], target_is_directory=True)
+    kept[3].mkdir()
+    removed = ckpt_mod.clear_stale_temps(tmp_path / "run")
+    assert removed == [crashed, root / ".tmp-step-00000016-4243"]
+    assert not crashed.exists() and all(p.exists() for p in kept) and (kept[4] / "data").exists()
+    assert ckpt_mod.clear_stale_temps(tmp_path / "run") == [] == ckpt_mod.clear_stale_temps(tmp_path / "none")
+
+
 def test_nonfinite_loss_stops_with_the_step_and_term(ckpt_overrides: list[str], tmp_path: Path) -> None:
     # lr 1e6 diverges within a few steps; the error names the step and the term, nothing diverged is saved.
     from vae_dist.trainer import NonFiniteLossError

@@ -83,6 +83,37 @@ def test_bad_model_paths_exit_2_with_a_sentence(tmp_path: Path, capsys) -> None:
     assert "pickle" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["zip", "raw"])
+def test_a_pickle_named_model_safetensors_is_refused(tmp_path: Path, capsys, fmt: str) -> None:
+    """Issue 13: recognised by content, before any data is read, whether given as a folder or a file."""
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    weights = model_dir / "model.safetensors"
+    torch.save({"w": torch.zeros(3)}, weights, _use_new_zipfile_serialization=fmt == "zip")
+    for arg in (model_dir, weights):
+        assert main([str(arg), "--data-root", str(tmp_path / "nowhere")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vae-evaluate: error: ") and err.count("\n") == 1
+        assert str(weights) in err and "pickle" in err and "torch.save" in err and "arbitrary code" in err
+
+
+def test_unloadable_weights_exit_2_naming_the_file(tmp_path: Path, data_root: Path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    weights = model_dir / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    assert main([str(model_dir), "--data-root", str(data_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{weights} is not a readable safetensors file" in err
+    weights.write_bytes(blob)
+    (model_dir / "config.json").write_text(json.dumps({"x_dim": 784, "hidden_dims": [64, 32], "z_dim": 4}))
+    assert main([str(model_dir), "--data-root", str(data_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{weights} holds weights of another architecture" in err
+    assert "mu.weight: file (3, 32) vs model (4, 32)" in err
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from vae_dist.model import VAE, loss_terms
+from vae_dist.files import pickle_kind
+from vae_dist.model import VAE, ModelFileError, loss_terms
 
 
 def reference_loss(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -104,3 +108,87 @@ def test_log_var_is_clamped_to_a_finite_range() -> None:
         model.log_var.bias.fill_(1e4)
     terms = loss_terms(model, torch.rand(4, 784), torch.randn(4, 1, 2))
     assert all(math.isfinite(v) for v in terms["kl"].tolist())
+
+
+# ---------------------------------------------------------------- loading exported models safely (issue 13)
+def write_torch_pickle(path: Path, fmt: str) -> Path:
+    """What torch.save writes: a zip archive (the default) or a raw pickle (the legacy format)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"w": torch.zeros(3)}, path, _use_new_zipfile_serialization=fmt == "zip")
+    return path
+
+
+PICKLE_PHRASES = {"zip": "PyTorch zip archive written by torch.save", "raw": "raw pickle written by torch.save"}
+
+
+@pytest.mark.parametrize("fmt", ["zip", "raw"])
+def test_pickle_kind_recognises_both_torch_save_formats(tmp_path: Path, fmt: str) -> None:
+    file = write_torch_pickle(tmp_path / "model.safetensors", fmt)
+    assert PICKLE_PHRASES[fmt] in pickle_kind(file)
+    # Truncated, it is still recognised (a zip by its first entry, a raw pickle by its first bytes).
+    (tmp_path / "cut").write_bytes(file.read_bytes()[:100])
+    assert "pickle" in pickle_kind(tmp_path / "cut")
+
+
+def test_pickle_kind_leaves_safetensors_alone(tmp_path: Path) -> None:
+    VAE(784, [16], 2).save_pretrained(tmp_path)
+    assert pickle_kind(tmp_path / "model.safetensors") is None
+    # A safetensors header of 640 bytes starts with b"\x80\x02", like a protocol-2 pickle.
+    header = b'{"__metadata__":{"pad":"' + b"x" * 600 + b'"}}'
+    header += b" " * (640 - len(header))
+    (tmp_path / "640.safetensors").write_bytes(struct.pack("<Q", 640) + header)
+    assert (tmp_path / "640.safetensors").read_bytes()[:2] == b"\x80\x02"
+    assert pickle_kind(tmp_path / "640.safetensors") is None
+    assert pickle_kind(tmp_path / "config.json") is None and pickle_kind(tmp_path / "nowhere") is None
+
+
+@pytest.mark.parametrize("fmt", ["zip", "raw"])
+def test_from_pretrained_refuses_a_pickle_whatever_its_name(tmp_path: Path, fmt: str) -> None:
+    VAE(784, [16], 2).save_pretrained(tmp_path)
+    write_torch_pickle(tmp_path / "model.safetensors", fmt)
+    for source in (tmp_path, tmp_path / "model.safetensors"):
+        with pytest.raises(ModelFileError, match="pickle") as err:
+            VAE.from_pretrained(source)
+        assert str(tmp_path / "model.safetensors") in str(err.value) and "arbitrary code" in str(err.value)
+    with pytest.raises(ModelFileError, match="pickle"):
+        VAE.from_pretrained(write_torch_pickle(tmp_path / "weights.bin", fmt))
+
+
+def test_from_pretrained_is_strict_and_names_the_keys(tmp_path: Path) -> None:
+    VAE(784, [16], 2).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["mu.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFileError) as err:
+        VAE.from_pretrained(tmp_path)
+    assert "mu.bias: missing" in str(err.value) and "extra.weight: unexpected" in str(err.value)
+    assert str(tmp_path / "model.safetensors") in str(err.value)
+    assert VAE.from_pretrained(tmp_path, strict=False).z_dim == 2  # asked for: missing/unexpected allowed
+    # A wrong shape is an error even with strict=False: config.json says z = 3, the weights are z = 2.
+    (tmp_path / "config.json").write_text(json.dumps({"x_dim": 784, "hidden_dims": [16], "z_dim": 3}))
+    for strict in (True, False):
+        with pytest.raises(ModelFileError, match=r"mu.weight: file \(2, 16\) vs model \(3, 16\)"):
+            VAE.from_pretrained(tmp_path, strict=strict)
+
+
+def test_from_pretrained_problems_are_one_error_type(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="does not exist"):
+        VAE.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ModelFileError, match="holds no model.safetensors"):
+        VAE.from_pretrained(tmp_path)
+    VAE(784, [16], 5).save_pretrained(tmp_path)
+    blob = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ModelFileError, match="model.safetensors is not a readable safetensors file .*truncated"):
+        VAE.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(blob)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="config.json is not valid JSON"):
+        VAE.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"x_dim": 784, "hidden_dims": "many", "z_dim": 5}))
+    with pytest.raises(ModelFileError, match="does not build a VAE"):
+        VAE.from_pretrained(tmp_path)
+    # Without config.json the model config comes from the file's metadata.
+    (tmp_path / "config.json").unlink()
+    assert VAE.from_pretrained(tmp_path).z_dim == 5

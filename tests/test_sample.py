@@ -118,6 +118,31 @@ def test_bad_input_is_one_sentence_and_exit_2(make, args, message, tmp_path: Pat
         assert str(folder) in err
 
 
+@pytest.mark.parametrize("fmt", ["zip", "raw"])
+def test_a_pickle_is_refused_whatever_its_name(fmt: str, tmp_path: Path, capsys) -> None:
+    """Issue 13: a torch.save file renamed model.safetensors (or any name) is refused as a pickle."""
+    folder = export(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    torch.save({"w": torch.zeros(3)}, weights, _use_new_zipfile_serialization=fmt == "zip")
+    other = tmp_path / "weights.ckpt.data"
+    other.write_bytes(weights.read_bytes())
+    for arg, named in ((folder, weights), (weights, weights), (other, other)):
+        assert main([str(arg), "--out", str(tmp_path / "out"), "--no-data"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vae-sample: error: ") and err.count("\n") == 1
+        assert str(named) in err and "pickle" in err and "torch.save" in err and "arbitrary code" in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_weights_of_another_architecture_name_the_file(tmp_path: Path, capsys) -> None:
+    folder = export(tmp_path / "model")
+    (folder / "config.json").write_text('{"x_dim": 784, "hidden_dims": [16], "z_dim": 3}')
+    assert main([str(folder), "--out", str(tmp_path / "out"), "--no-data"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder / 'model.safetensors'} holds weights of another architecture" in err
+    assert "mu.weight: file (2, 16) vs model (3, 16)" in err
+
+
 @pytest.mark.slow  # a fresh interpreter: ~3 s of imports
 def test_runs_as_a_module(model_dir: Path, data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"

@@ -10,9 +10,17 @@ A checkpoint is a directory `<run.dir>/checkpoints/step-XXXXXXXX/`:
                            scheduler and grad-scaler state, tracker run id, library versions
     manifest.json          size and sha256 of every file above; written last
 
-It is written by the main process into a temporary directory, every file fsynced, then renamed
-into place, so a crash (kill -9, full disk) at any moment leaves either the complete new checkpoint
-or none, and the previous ones intact. A directory without a matching manifest is never loaded.
+It is written by the main process into a temporary directory `.tmp-step-XXXXXXXX-<pid>`, every
+file fsynced, then renamed into place, so a crash (kill -9, full disk) at any moment leaves either
+the complete new checkpoint or none, and the previous ones intact. A write that fails (OSError, or
+safetensors' SafetensorError, e.g. "No space left on device (os error 28)") removes its temporary
+directory and raises CheckpointError naming the file, the error and the last good checkpoint; the
+temporary directory of a save killed outright is removed by `clear_stale_temps` at the next start.
+
+A directory without a matching manifest is never loaded, and neither is a pickle: every
+`*.safetensors` file is checked by its first bytes (vae_dist.files) before its manifest, so a
+torch.save file renamed model.safetensors is refused as a pickle, on resume from a path and by
+train.resume=auto (which skips that checkpoint with a warning, as any other broken one).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from vae_dist.files import pickle_kind, pickle_refusal
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -107,41 +117,62 @@ def write_checkpoint(
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write a complete checkpoint atomically (main process only); prune to the newest `keep`."""
+    """Write a complete checkpoint atomically (main process only); prune to the newest `keep`.
+
+    A failed write (OSError, or SafetensorError from save_file, e.g. a full disk) removes the
+    temporary directory and raises CheckpointError naming the file, the error and the last good
+    checkpoint."""
     root = checkpoints_dir(run_dir)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    current = tmp  # what is being written, for the error message
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         opt_tensors, groups = optimizer_to_tensors(optimizer_state)
         cpu = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-        save_file(cpu, str(tmp / "model.safetensors"), metadata={"format": "pt", "config": json.dumps(model_config)})
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file({k: v.contiguous().cpu() for k, v in trainer_tensors.items()}, str(tmp / "trainer.safetensors"))
-        _fsync_write(tmp / "config.json", json.dumps(model_config, indent=2).encode())
-        _fsync_write(tmp / "state.json", json.dumps({**state, "optimizer_param_groups": groups}, indent=2).encode())
+        current = tmp / "model.safetensors"
+        save_file(cpu, str(current), metadata={"format": "pt", "config": json.dumps(model_config)})
+        current = tmp / "optimizer.safetensors"
+        save_file(opt_tensors, str(current))
+        current = tmp / "trainer.safetensors"
+        save_file({k: v.contiguous().cpu() for k, v in trainer_tensors.items()}, str(current))
+        current = tmp / "config.json"
+        _fsync_write(current, json.dumps(model_config, indent=2).encode())
+        current = tmp / "state.json"
+        _fsync_write(current, json.dumps({**state, "optimizer_param_groups": groups}, indent=2).encode())
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:  # save_file does not fsync
-            with open(tmp / name, "rb+") as f:
+            current = tmp / name
+            with open(current, "rb+") as f:
                 os.fsync(f.fileno())
         manifest = {
             "step": step,
             "files": {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files},
         }
-        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        current = tmp / MANIFEST
+        _fsync_write(current, json.dumps(manifest, indent=2).encode())
+        current = tmp
         _fsync_dir(tmp)
+        current = final
         if final.exists():  # the same step saved again after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_valid(run_dir, warn=False)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip()
+        # Name the file as it would be in the finished checkpoint: the temporary directory is gone.
+        name = final / current.relative_to(tmp) if current.is_relative_to(tmp) and current != tmp else current
         raise CheckpointError(
-            f"could not write checkpoint {final} ({err.strerror or err}); "
-            + (f"the previous checkpoint {previous} is intact. " if previous else "no earlier checkpoint exists. ")
+            f"could not write checkpoint {final}: writing {name} failed ({reason}); the partial save was removed, "
+            + (
+                f"and the previous checkpoint {previous} is intact. "
+                if previous
+                else "and no earlier checkpoint exists. "
+            )
             + "Free disk space or point run.dir at a writable folder, then resume with train.resume=auto."
         ) from err
     prune(run_dir, keep)
@@ -150,11 +181,22 @@ def write_checkpoint(
 
 def prune(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints; remove older ones and leftovers of interrupted saves."""
-    root = checkpoints_dir(run_dir)
-    for tmp in root.glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
+    clear_stale_temps(run_dir)
+    for old in sorted(checkpoints_dir(run_dir).glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_stale_temps(run_dir: Path) -> list[Path]:
+    """Remove the `checkpoints/.tmp-*` directories of saves that never finished (kill -9, power loss, a
+    node lost mid-save) and return them; nothing else is touched. Call on the main process at
+    start-up, before the first save: such a directory is never loaded, only takes disk space."""
+    removed = []
+    for tmp in sorted(checkpoints_dir(run_dir).glob(".tmp-*")):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not tmp.exists():
+                removed.append(tmp)
+    return removed
 
 
 # ------------------------------------------------------------------ reading
@@ -163,6 +205,9 @@ def verify(path: Path) -> str | None:
     path = Path(path)
     if not path.is_dir():
         return f"{path} is not a checkpoint directory"
+    problem = pickle_problem(path)  # before the manifest, which a pickle could match
+    if problem:
+        return problem
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
@@ -191,12 +236,31 @@ def latest_valid(run_dir: Path, warn: bool = True) -> Path | None:
     return None
 
 
+def pickle_problem(path: Path) -> str | None:
+    """What is a pickle in checkpoint directory `path`, judged by content (any `*.safetensors` that is
+    really a torch.save file), or None."""
+    for file in sorted(Path(path).glob("*.safetensors")):
+        kind = pickle_kind(file)
+        if kind:
+            return pickle_refusal(file, kind)
+    return None
+
+
 def refuse_pickle(path: Path) -> None:
+    """Raise CheckpointError when `path` (a file or a checkpoint directory) is or holds a pickle, by
+    content whatever the name, or by a .pt/.pth/.bin/.pkl/.ckpt name."""
+    advice = (
+        "Resume from a vae_dist checkpoint directory (checkpoints/step-XXXXXXXX), or convert the weights to "
+        "safetensors where you trust their origin."
+    )
+    kind = pickle_kind(path) if path.is_file() else None
+    problem = pickle_refusal(path, kind) if kind else pickle_problem(path) if path.is_dir() else None
+    if problem:
+        raise CheckpointError(f"{problem}. {advice}")
     if path.suffix in PICKLE_SUFFIXES or (path.is_dir() and any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir())):
         raise CheckpointError(
             f"{path} is a pickle-based checkpoint ({path.suffix or 'holds .pt/.bin files'}); vae_dist never unpickles, "
-            "since loading a pickle can run arbitrary code. Resume from a vae_dist checkpoint directory "
-            "(checkpoints/step-XXXXXXXX) or convert the weights to safetensors."
+            f"since loading a pickle can run arbitrary code. {advice}"
         )
 
 

@@ -27,7 +27,8 @@ from accelerate import Accelerator
 
 from vae_dist.config import DataConfig, read_yaml
 from vae_dist.data import DataError, load_data, to_unit
-from vae_dist.model import VAE, log_weights, loss_terms
+from vae_dist.files import pickle_kind, pickle_refusal
+from vae_dist.model import VAE, ModelFileError, log_weights, loss_terms
 from vae_dist.processes import LaunchError, check_launch, set_cpu_threads
 
 TERMS = ("loss", "elbo", "recon", "kl")
@@ -155,6 +156,9 @@ def resolve_model_dir(path: str) -> Path:
         "an exported model folder (run.dir, holding model.safetensors and config.json) or a checkpoint "
         "folder (run.dir/checkpoints/step-XXXXXXXX)"
     )
+    kind = pickle_kind(p) if p.is_file() else None
+    if kind:  # by content, whatever the name
+        raise EvalInputError(f"{pickle_refusal(p, kind)}; pass {expected}.")
     if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
         raise EvalInputError(
             f"{p} is a pickle file, which is not loaded because unpickling can run arbitrary code; pass {expected}."
@@ -170,6 +174,9 @@ def resolve_model_dir(path: str) -> Path:
         if ckpts:
             hint = f" The run has checkpoints; the newest is {ckpts[-1]}."
         raise EvalInputError(f"{p} has no {' or '.join(missing)}; pass {expected}.{hint}")
+    kind = pickle_kind(p / "model.safetensors")  # refused before any data is read
+    if kind:
+        raise EvalInputError(f"{pickle_refusal(p / 'model.safetensors', kind)}; pass {expected}.")
     return p
 
 
@@ -188,9 +195,11 @@ def training_data_config(model_dir: Path) -> tuple[dict, Path | None]:
 
 def load_model(model_dir: Path, device: torch.device) -> VAE:
     try:
-        # strict: the mixin's default (strict=False) would leave any missing weight at its random init.
+        # strict (VAE's default too): a missing weight must not stay at its random init.
         model = VAE.from_pretrained(model_dir, strict=True)
-    except Exception as err:  # a truncated file or foreign weights: the user needs the same advice
+    except ModelFileError as err:  # a pickle, a truncated file, foreign weights: names the file
+        raise EvalInputError(str(err)) from None
+    except Exception as err:  # anything else the loader did not foresee: the same advice
         reason = (str(err).splitlines() or [""])[0][:300]
         raise EvalInputError(
             f"{model_dir} could not be loaded as a vae_dist model ({type(err).__name__}: {reason}); pass a "

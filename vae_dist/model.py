@@ -3,6 +3,11 @@
 Loss terms follow Kingma & Welling 2014 (arXiv:1312.6114), appendix B: reconstruction is the
 Bernoulli negative log-likelihood summed over the 784 pixels, KL(q(z|x) || N(0, I)) is analytic.
 IWAE is Burda et al. 2016 (arXiv:1509.00519), eq. 8. Every value is in nats *per example*.
+
+`VAE.from_pretrained(folder)` loads `model.safetensors` with safetensors only: a pickle is refused
+whatever its name (unpickling can run arbitrary code), the weights must fit the architecture of
+`config.json` exactly (strict=True by default), and every problem with the files is one
+`ModelFileError` whose message names the file and what to do.
 """
 
 from __future__ import annotations
@@ -13,14 +18,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from vae_dist.files import pickle_kind, pickle_refusal
 
 # log sigma^2 is clamped here: sigma in [3e-7, 2.2e4] keeps exp() finite in fp16 and bf16 and is
 # far outside anything a trained model uses (|log sigma^2| < 10 on MNIST).
 LOG_VAR_MIN, LOG_VAR_MAX = -30.0, 20.0
 LOG_2PI = math.log(2 * math.pi)
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+LOAD_ADVICE = "pass a folder written by vae-train or VAE.save_pretrained (model.safetensors + config.json)"
+
+
+class ModelFileError(ValueError):
+    """An exported model cannot be loaded: a missing file, a pickle, a truncated or corrupt safetensors
+    file, or weights of another architecture. The message names the file and says what to do."""
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:
@@ -74,6 +91,142 @@ class VAE(nn.Module, PyTorchModelHubMixin):
             str(Path(save_directory) / "model.safetensors"),
             metadata={"format": "pt", "config": json.dumps(self.config_dict)},
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> VAE:
+        """Load an exported model: a folder (run.dir or a checkpoint), its model.safetensors, or a Hub id.
+
+        strict=True (default): every weight of the architecture in config.json, with its shape, and no
+        other. Raises ModelFileError (a ValueError) for a missing file, a pickle (whatever its name), a
+        truncated or corrupt safetensors file, an invalid config.json or weights of another architecture.
+        """
+        source = Path(pretrained_model_name_or_path)
+        if source.is_file():
+            kind = pickle_kind(source)
+            if kind:
+                raise ModelFileError(f"{pickle_refusal(source, kind)}; {LOAD_ADVICE}.")
+            if source.name != WEIGHTS_NAME:
+                raise ModelFileError(f"{source} is a file, not a model folder; {LOAD_ADVICE}.")
+            source = source.parent
+        elif not source.exists() and not _is_hub_id(str(pretrained_model_name_or_path)):
+            raise ModelFileError(f"model folder {source} does not exist; {LOAD_ADVICE}.")
+        model_id = str(source) if source.is_dir() else str(pretrained_model_name_or_path)
+        try:
+            return super().from_pretrained(model_id, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # config.json, read by the mixin
+            raise ModelFileError(f"{source / CONFIG_NAME} is not valid JSON ({err}); {LOAD_ADVICE}.") from None
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs,
+    ) -> VAE:
+        """PyTorchModelHubMixin's hook, replaced: safetensors only (the mixin falls back to a pickled
+        pytorch_model.bin), strict by default (the mixin's strict=False leaves a missing weight at its
+        random init), and one ModelFileError naming the file for anything wrong with it."""
+        if Path(model_id).is_dir():
+            file = Path(model_id) / WEIGHTS_NAME
+            if not file.is_file():
+                raise ModelFileError(f"{Path(model_id)} holds no {WEIGHTS_NAME}; {LOAD_ADVICE}.")
+        else:
+            try:
+                file = Path(
+                    hf_hub_download(
+                        repo_id=model_id,
+                        filename=WEIGHTS_NAME,
+                        revision=revision,
+                        cache_dir=cache_dir,
+                        force_download=force_download,
+                        token=token,
+                        local_files_only=local_files_only,
+                    )
+                )
+            except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
+                raise ModelFileError(
+                    f"{model_id} is neither a local folder nor a Hub model with a {WEIGHTS_NAME} "
+                    f"({type(err).__name__}); {LOAD_ADVICE}. A pickled pytorch_model.bin is never loaded."
+                ) from None
+        kind = pickle_kind(file)
+        if kind:
+            raise ModelFileError(
+                f"{pickle_refusal(file, kind)}. Convert it to safetensors where you trust its origin, or {LOAD_ADVICE}."
+            )
+        try:
+            with safe_open(str(file), "pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as err:
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ModelFileError(
+                f"{file} is not a readable safetensors file ({reason}; truncated or corrupt?); {LOAD_ADVICE}."
+            ) from None
+        if not any(k in model_kwargs for k in ("x_dim", "hidden_dims", "z_dim")):  # no config.json
+            model_kwargs = {**_metadata_config(metadata), **model_kwargs}
+        try:
+            model = cls(**model_kwargs)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ModelFileError(
+                f"the config of {file} ({CONFIG_NAME} or the file's metadata) does not build a VAE ({err}); "
+                f"{LOAD_ADVICE}."
+            ) from None
+        problems = state_problems(model.state_dict(), state, strict=strict)
+        if problems:
+            shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise ModelFileError(
+                f"{file} holds weights of another architecture than VAE({_kwargs_text(model.config_dict)}) "
+                f"({shown}); load it with the config it was trained with (its {CONFIG_NAME}), or another file."
+            )
+        model.load_state_dict(state, strict=strict)
+        return model.to(map_location).eval()
+
+
+def _is_hub_id(text: str) -> bool:
+    """Whether `text` could name a Hub model ("owner/name"); a local path that does not exist cannot."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _metadata_config(metadata: dict[str, str]) -> dict:
+    """The model config that _save_pretrained stores in the safetensors metadata, or {}."""
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _kwargs_text(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
+def state_problems(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+    """Every tensor of `found` that does not fit `expected`: missing and unexpected keys (strict only)
+    and wrong shapes, each as "<key>: ..."; [] when the state dict loads."""
+    problems = []
+    if strict:
+        problems += [f"{k}: missing" for k in expected if k not in found]
+        problems += [f"{k}: unexpected" for k in found if k not in expected]
+    problems += [
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    return problems
 
 
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def model_folder(path: Path) -> Path:
     """The folder holding model.safetensors + config.json; `path` may also be the safetensors file."""
+    from vae_dist.files import pickle_kind, pickle_refusal
+
+    for file in (path, path / MODEL_FILES[0]):  # by content, whatever the name, before any data is read
+        kind = pickle_kind(file) if file.is_file() else None
+        if kind:
+            raise SampleError(
+                f"{pickle_refusal(file, kind)}; give an exported model (a run directory) or a checkpoint "
+                f"directory written by vae-train, both holding {' and '.join(MODEL_FILES)}."
+            )
     folder = path.parent if path.is_file() and path.suffix == ".safetensors" else path
     if not folder.is_dir():
         raise SampleError(
@@ -134,7 +143,7 @@ def draw(args: argparse.Namespace) -> dict[str, Path]:
     import torch
 
     from vae_dist import figures
-    from vae_dist.model import VAE
+    from vae_dist.model import VAE, ModelFileError
 
     for name, value, low in (("--n", args.n, 1), ("--steps", args.steps, 2), ("--grid", args.grid, 2)):
         if value < low:
@@ -143,6 +152,8 @@ def draw(args: argparse.Namespace) -> dict[str, Path]:
     out = args.out or folder / "samples"
     try:
         model = VAE.from_pretrained(str(folder)).to(args.device).eval()
+    except ModelFileError as err:  # a pickle, a truncated file, foreign weights: the message names the file
+        raise SampleError(str(err)) from None
     except Exception as err:
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise SampleError(
