@@ -7,7 +7,10 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test test-fast lint slurm-test clean
+# The GPU check runs in place with the Python a GPU machine already has (torch, accelerate, ...): no venv.
+GPU_PYTHON ?= python3
+
+.PHONY: venv train test test-fast lint slurm-test gpu-check clean
 
 venv: $(STAMP)
 
@@ -18,8 +21,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# One process (one GPU, or the CPU): signals reach it directly, so SIGTERM to make or to it checkpoints.
+# All GPUs of a machine: launch/single_box.sh.
 train: $(STAMP)
-	$(VENV)/bin/accelerate launch vae_dist/train.py --config configs/mnist.yaml $(ARGS)
+	$(VENV)/bin/vae-train --config configs/mnist.yaml $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
@@ -30,6 +35,9 @@ test-fast: $(STAMP)
 slurm-test: $(STAMP)
 	tests/slurm/cluster.sh install && tests/slurm/cluster.sh up
 	$(VENV)/bin/python -m pytest -q -m slurm tests/test_slurm.py; rc=$$?; tests/slurm/cluster.sh down; exit $$rc
+
+gpu-check:
+	$(GPU_PYTHON) -m vae_dist.gpu_check $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vae_dist tests

@@ -41,6 +41,16 @@ def make_mnist(root: Path, n_train: int = 400, n_test: int = 150, folder: str = 
     return root
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked cuda skip, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def data_root(tmp_path: Path) -> Path:
     """A data.root holding tiny MNIST IDX files: 400 train, 150 test examples."""
@@ -60,6 +70,7 @@ def tiny_overrides(data_root: Path, tmp_path: Path) -> list[str]:
         "model.hidden_dims=[64, 32]",
         "tracking.mode=off",
         "tracking.log_every_steps=2",
+        "train.device=cpu",  # these tests mean the CPU, also on a machine with a GPU
     ]
 
 
@@ -80,12 +91,29 @@ def fresh_process_state():
     torch.set_flush_denormal(False)
 
 
-def train_in_process(overrides: list[str]):
-    """Build and fit a Trainer in this process; returns (trainer, summary)."""
+def train_in_process(overrides: list[str], stop_at: int | None = None):
+    """Build and fit a Trainer in this process; returns (trainer, summary). With `stop_at`, SIGUSR1
+    is delivered to this process right after optimizer step `stop_at` (the run then checkpoints and
+    stops). Accelerate's process-wide state is reset first, so several runs fit in one test."""
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState
+
     from vae_dist.config import load_config
     from vae_dist.trainer import Trainer
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     trainer = Trainer(load_config(None, overrides))
+    if stop_at is not None:
+        after = trainer.after_optimizer_step
+
+        def after_then_signal() -> None:
+            after()
+            if trainer.step == stop_at:
+                signal.raise_signal(signal.SIGUSR1)
+
+        trainer.after_optimizer_step = after_then_signal
     return trainer, trainer.fit()
 
 
@@ -109,10 +137,18 @@ def launch_cmd(nproc: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", *flags, *args]
 
 
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess that means the CPU: no GPU visible, also on a machine with GPUs."""
+    import os
+
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
 def launch(nproc: int, args: list[str], cwd: Path, timeout: float = 300, **kwargs):
-    """Run launch_cmd(nproc, args) to completion, capturing its output."""
+    """Run launch_cmd(nproc, args) to completion on the CPU, capturing its output."""
     import subprocess
 
+    kwargs.setdefault("env", cpu_env())
     return subprocess.run(launch_cmd(nproc, args), capture_output=True, text=True, cwd=cwd, timeout=timeout, **kwargs)
 
 

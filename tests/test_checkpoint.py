@@ -36,20 +36,6 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[key], b[key]), key
 
 
-def interrupted_fit(overrides: list[str], stop_at: int) -> dict:
-    """Fit, delivering SIGUSR1 to ourselves right after optimizer step `stop_at`."""
-    trainer = Trainer(load_config(None, overrides))
-    step = trainer.after_optimizer_step
-
-    def step_then_signal() -> None:
-        step()
-        if trainer.step == stop_at:
-            signal.raise_signal(signal.SIGUSR1)
-
-    trainer.after_optimizer_step = step_then_signal
-    return trainer.fit()
-
-
 @pytest.fixture
 def ckpt_overrides(tiny_overrides: list[str]) -> list[str]:
     # 8 steps per epoch, 2 epochs; logs every 3 steps so a stop lands inside a logging window.
@@ -83,7 +69,7 @@ def test_stop_after_any_step_resumes_bit_exactly(ckpt_overrides: list[str], tmp_
     ref = tmp_path / "ref"
     train_in_process(ckpt_overrides + [f"run.dir={ref}"])
     run = tmp_path / "stopped"
-    summary = interrupted_fit(ckpt_overrides + [f"run.dir={run}"], stop_at)
+    _, summary = train_in_process(ckpt_overrides + [f"run.dir={run}"], stop_at=stop_at)
     assert summary["preempted"] and summary["steps"] == stop_at
     assert (run / "checkpoints" / f"step-{stop_at:08d}").is_dir() and not (run / "model.safetensors").exists()
     from accelerate.state import AcceleratorState, GradientState
@@ -202,6 +188,7 @@ def test_pickle_named_safetensors_is_refused_on_resume(ckpt_overrides: list[str]
         with pytest.warns(UserWarning, match=rf"skipping checkpoint .*step-00000016.*{name} .*pickle"):
             trainer = Trainer(load_config(None, ckpt_overrides + ["train.epochs=3"]))  # train.resume=auto
         assert trainer.step == 8 and verify(older) is None
+        trainer.release()  # built, never fit: it would hold run.dir for as long as it lives
         (newest / name).write_bytes(original)
     assert verify(newest) is None
 

@@ -146,3 +146,36 @@ def test_a_figure_that_fails_is_a_warning_and_the_others_are_drawn(
     with pytest.warns(figures.FigureWarning, match="latent.png was not drawn"):
         paths = figures.write_figures(tiny_model(), images, labels, [], tmp_path, seed=0)
     assert set(paths) == {"recon", "prior", "manifold"}
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_figure_drawer_draws_the_model_as_it_was_when_submitted(test_split, tmp_path: Path, background: bool) -> None:
+    """The drawer a GPU run uses draws in a worker process from a copy of the weights taken at submit,
+    so training may change them meanwhile; the PNGs equal an in-place draw of the same weights."""
+    images, labels = test_split
+    model = tiny_model()
+    expected = figures.write_figures(model, images, labels, records(), tmp_path / "direct", seed=0, steps_per_epoch=8)
+    drawer = figures.FigureDrawer(images, labels, tmp_path / "drawn", seed=0, steps_per_epoch=8, background=background)
+    drawer.submit(model, records(), step=24)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training goes on after the submit
+    done = drawer.close()
+    assert [(set(paths), step) for paths, step in done] == [(set(expected), 24)]
+    for key, path in done[0][0].items():
+        if key not in ("latent", "loss"):  # matplotlib PNGs carry no pixel-exact promise across processes
+            assert path.read_bytes() == expected[key].read_bytes(), key
+        assert path.parent == tmp_path / "drawn"
+
+
+def test_a_worker_that_fails_is_a_warning(test_split, tmp_path: Path) -> None:
+    images, labels = test_split
+    drawer = figures.FigureDrawer(images, labels, tmp_path, seed=0, steps_per_epoch=8, background=True)
+    drawer.submit(VAE(hidden_dims=[16], z_dim=2), records(), step=8)
+    drawer.pending[0] = (drawer.pool.submit(_raise), 8)  # a worker-side failure in place of the draw
+    with pytest.warns(figures.FigureWarning, match="the figures of step 8 were not drawn"):
+        assert drawer.close() == [({}, 8)]
+
+
+def _raise() -> None:
+    raise RuntimeError("the worker ran out of memory")

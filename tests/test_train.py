@@ -117,3 +117,21 @@ def test_missing_data_exits_2_with_advice(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "train-images-idx3-ubyte" in proc.stderr and str(tmp_path / "empty" / "MNIST" / "raw") in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_figures_drawn_by_a_background_worker_are_complete_at_the_end(
+    tiny_overrides: list[str], tmp_path: Path, monkeypatch
+) -> None:
+    """What a GPU run does (a worker process draws while training goes on), forced on the CPU."""
+    import vae_dist.trainer as trainer_mod
+    from vae_dist.figures import FigureDrawer
+
+    class InTheBackground(FigureDrawer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "background": True})
+
+    monkeypatch.setattr(trainer_mod, "FigureDrawer", InTheBackground)
+    trainer, _ = train_in_process(tiny_overrides)
+    for name in ("recon.png", "prior.png", "manifold.png", "latent.png", "loss.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+    assert trainer.figures is None  # the worker was waited for and stopped

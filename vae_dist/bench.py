@@ -1,29 +1,34 @@
-"""Training throughput: the original script's loop, a minimal tensor loop and the toolkit, in one process.
+"""Training throughput: the original script's loop, a minimal tensor loop, the floor of one step and
+the toolkit, in one process.
 
     python -m vae_dist.bench data.root=../shared/data                      # CPU, fp32, batch 100
     python -m vae_dist.bench data.root=../shared/data --batch-size 1000
-    vae-bench --device cuda --precision bf16 --compile --json bench.json  # random data if data.root lacks MNIST
+    vae-bench --device cuda --precision bf16 --json bench.json            # random data if data.root lacks MNIST
 
-Three variants train the same 784-512-256-2 VAE with Adam (issue 8):
+Four variants train the same 784-512-256-2 VAE with Adam (issues 8 and 12):
 
   original  the reference script's loop: torchvision MNIST with per-example PIL + ToTensor, a DataLoader,
             sigmoid + BCE loss, `.item()` every step (a re-implementation of reference_vae.py's train()).
-  minimal   the hand-written floor: the whole split as one float tensor on the device, batches by
-            indexing a permutation, `.item()` every step (reference/minimal_loop.py; logits loss by
-            default, the toolkit's arithmetic).
+  minimal   reference/minimal_loop.py: the whole split as one float tensor on the device, batches by
+            indexing a permutation, `.item()` every step (logits loss by default, the toolkit's
+            arithmetic). On a GPU its per-step sync makes it no floor.
+  floor     the floor of one step (reference/graph_floor.py): fused Adam, each batch a slice of the
+            epoch's permuted copy, the loss summed on the device, no per-step sync; on CUDA the whole
+            step (forward, backward, fused capturable Adam) replayed as one CUDA graph.
   toolkit   a real `vae_dist.trainer.Trainer`, driven as `Trainer.fit` drives it: `optimizer_steps()`
-            (`train_step` for every micro-batch of `epoch_batches()`, then `after_optimizer_step`:
-            counters, scheduler, health check and `log_train` every tracking.log_every_steps) and
-            the stop checks.
+            (`train_step`: one `vae_dist.step.TrainStep`, a CUDA graph where train.cuda_graphs allows;
+            then `after_optimizer_step`: counters, health check and `log_train` every
+            tracking.log_every_steps) and the stop checks.
 
 Each variant is built once, warmed up, then timed for `--steps` optimizer steps per repeat, the
-variants alternating (a b c, b c a, c a b, ...) so that load from other processes spreads over all
-three; the table gives the median examples/s of the repeats and the ratios toolkit/original and
-toolkit/minimal. Evaluation is not timed (the reference's per-epoch timer does not include it either).
+variants alternating (a b c d, b c d a, ...) so that load from other processes spreads over all of
+them; the table gives the median examples/s of the repeats and the ratios toolkit/original,
+toolkit/minimal and toolkit/floor. Evaluation is not timed (the reference's per-epoch timer does
+not include it either).
 
 Peak memory: each variant runs again alone in a fresh subprocess (`--probe NAME`), which reports its
 peak resident set size (Linux VmHWM) and, on CUDA, `torch.cuda.max_memory_allocated`. One process
-cannot measure three variants: the peak RSS is a high-water mark that never goes down, memory freed
+cannot measure several variants: the peak RSS is a high-water mark that never goes down, memory freed
 by one variant stays in the allocator for the next, and tracemalloc sees Python objects only, not
 the tensors torch allocates in C++. The peak includes the libraries (importing torch alone maps
 about 0.5 GB); the JSON also gives the peak over the RSS right after the variant's imports.
@@ -33,9 +38,9 @@ gradient is almost always exactly zero (MNIST's black border pixels, dead ReLU u
 beta1 = 0.9 a step into float32's subnormal range, where each x86 operation on it is many times
 slower: every variant then loses about 40% of its speed. So a timing window that straddles that
 step measures two regimes. The toolkit flushes subnormals to zero on the CPU (train.flush_denormal,
-on by default); the bench does the same for all three variants, once, before torch starts its worker
+on by default); the bench does the same for every variant, once, before torch starts its worker
 threads (they copy the mode from the main thread when they start). `--denormals keep` measures IEEE
-arithmetic in all three (warm up past step 1,000 to see its steady state).
+arithmetic in all of them (warm up past step 1,000 to see its steady state).
 
 Data: the real training split when `data.root` holds the IDX files, else random uint8 images of the
 same shape (60,000 x 784), generated once with a fixed seed. The bench never downloads.
@@ -62,10 +67,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
-VARIANTS = ("original", "minimal", "toolkit")
+VARIANTS = ("original", "minimal", "floor", "toolkit")
 WHAT = {
     "original": "torchvision MNIST, PIL + ToTensor per example, DataLoader, sigmoid + BCE, .item() per step",
     "minimal": "split as one float tensor, batches by indexing, .item() per step",
+    "floor": "fused Adam, batch = slice of the permuted split, no per-step sync",
     "toolkit": "vae_dist Trainer: train_step + after_optimizer_step, as fit() drives them",
 }
 # Modules each variant needs before it builds anything: imported first in a memory probe, so that
@@ -73,6 +79,7 @@ WHAT = {
 IMPORTS = {
     "original": ("torchvision.datasets", "torchvision.transforms", "torch.utils.data"),
     "minimal": ("torchvision.datasets",),
+    "floor": ("torchvision.datasets",),
     "toolkit": ("vae_dist.trainer",),
 }
 RANDOM_SHAPE = (60_000, 10_000)  # train, test examples of random data: MNIST's sizes
@@ -95,7 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default: steps / 4)")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per variant; the median is reported")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model in all three variants")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model in the original, minimal and toolkit variants (the floor stays eager or one CUDA graph)",
+    )
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads for all variants (default: usable cores)"
     )
@@ -115,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--denormals",
         choices=("flush", "keep"),
         default="flush",
-        help="flush (default): subnormal floats are zero in all three variants, so the speed does not depend on "
+        help="flush (default): subnormal floats are zero in every variant, so the speed does not depend on "
         "how far training has got; keep: IEEE subnormals (after ~700 steps they slow every variant on x86)",
     )
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
@@ -126,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "overrides", nargs="*", help="section.key=value for the toolkit config, e.g. data.root=../shared/data"
     )
     p.add_argument("--probe", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # memory subprocess
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may stand before, between or after the options
     if args.steps is None:
         args.steps = max(10, round(20_000 / max(args.batch_size, 1)))
     if args.warmup is None:
@@ -165,7 +176,7 @@ def bench_config(args: argparse.Namespace, run_dir: str):
             f"run.dir={run_dir}",
         ],
     )
-    # The three variants must do the same arithmetic for the ratios to mean anything.
+    # The variants must do the same arithmetic for the ratios to mean anything.
     problems = []
     if len(cfg.model.hidden_dims) != 2:
         problems.append(
@@ -189,6 +200,7 @@ class Context:
     device: object  # torch.device
     args: argparse.Namespace
     real: bool  # data.root holds the IDX files
+    trainer: object | None = None  # the toolkit variant's Trainer, once built
     _splits: tuple | None = field(default=None, repr=False)
 
     def splits(self):
@@ -314,7 +326,9 @@ class Precision:
 
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        # No weight cache: the floor captures this in a CUDA graph, where a cached cast would be stale
+        # (PyTorch's CUDA Graphs notes); each weight is cast once a forward in these models anyway.
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False)
 
     def backward(self, loss) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
@@ -327,7 +341,7 @@ class Precision:
             self.scaler.update()
 
 
-# ---------------------------------------------------------------- the three variants
+# ---------------------------------------------------------------- the variants
 # Each is a generator: built on the first next(), then one optimizer step per next(), which returns
 # the number of examples that step trained on. Epochs roll over without end.
 def original_loop(ctx: Context) -> Iterator[int]:
@@ -391,11 +405,71 @@ def minimal_loop(ctx: Context) -> Iterator[int]:
             yield x.shape[0]
 
 
+def floor_loop(ctx: Context) -> Iterator[int]:
+    """(c) the floor of one step, graph_floor.py's: the reference model with the logits loss as a
+    per-example mean, fused Adam, each batch a slice of the epoch's permuted float copy on the
+    device, the loss summed on the device (no per-step sync). On CUDA the whole step (forward,
+    backward, fused Adam with capturable=True) is captured once as a CUDA graph after 3 warm-up
+    steps on a side stream, and each step copies its batch into the static input and replays; fp16
+    stays eager there (GradScaler.step syncs). Never compiled: it is the floor --compile is measured against."""
+    import torch
+    import torch.nn.functional as F
+
+    from vae_dist.data import to_unit
+
+    cfg, dev = ctx.cfg, ctx.device
+    torch.manual_seed(cfg.train.seed)
+    train, _ = ctx.splits()
+    X = to_unit(train.images.to(dev))
+    vae = reference_vae(cfg.model.hidden_dims, cfg.model.z_dim).to(dev)
+    graphed = dev.type == "cuda" and cfg.train.precision != "fp16"
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.optim.lr, fused=True, capturable=graphed)
+    amp = Precision(dev, cfg.train.precision)
+    B, n = cfg.train.batch_size, X.shape[0]
+    total = torch.zeros((), device=dev)
+
+    def step(x: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        with amp.autocast():
+            logits, mu, log_var = vae(x, logits=True)
+        rec = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none").sum(1)
+        mu, log_var = mu.float(), log_var.float()
+        loss = (rec - 0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).sum(1)).mean()
+        amp.backward(loss)
+        amp.step(opt)
+        total.add_(loss.detach())
+
+    run = step
+    if graphed:
+        static_x = X[:B].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as PyTorch's CUDA Graphs notes ask
+            for _ in range(3):
+                step(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            step(static_x)
+
+        def run(x: torch.Tensor) -> None:
+            static_x.copy_(x)
+            graph.replay()
+
+    while True:
+        Xp = X[torch.randperm(n, device=dev)]  # the epoch's order, materialised once
+        for i in range(n // B):
+            run(Xp[i * B : (i + 1) * B])
+            yield B
+
+
 def toolkit_loop(ctx: Context) -> Iterator[int]:
-    """(c) the real trainer, driven as fit() drives it: `Trainer.optimizer_steps` (train_step over
-    epoch_batches(), then after_optimizer_step: counters, scheduler, health check and log_train
-    every log_every_steps), stop_requested and reached_max_steps, nothing copied. The epoch-end work of fit() (evaluate,
-    figures, checkpoints) is not timed, as in the other two variants."""
+    """(d) the real trainer, driven as fit() drives it: `Trainer.optimizer_steps` (train_step on each
+    step's indices: one vae_dist.step.TrainStep, replayed as a CUDA graph where train.cuda_graphs
+    allows; then after_optimizer_step: counters, health check and log_train every log_every_steps),
+    stop_requested and reached_max_steps, nothing copied. The epoch-end work of fit() (evaluate,
+    figures, checkpoints) is not timed, as in the other variants."""
     from accelerate.state import AcceleratorState, GradientState
 
     from vae_dist.trainer import Trainer
@@ -410,6 +484,7 @@ def toolkit_loop(ctx: Context) -> Iterator[int]:
         train, test = ctx.splits()
         trainer = Trainer(cfg, train=train, test=test)
     trainer.prepare_run_dir()  # metrics.jsonl goes to a temporary run.dir
+    ctx.trainer = trainer  # for the report: graphed or eager
     while True:
         for _ in trainer.optimizer_steps():  # fit()'s inner loop: train_step per micro-batch, after_optimizer_step
             if trainer.stop_requested() or trainer.reached_max_steps():
@@ -421,6 +496,7 @@ def toolkit_loop(ctx: Context) -> Iterator[int]:
 LOOPS: dict[str, Callable[[Context], Iterator[int]]] = {
     "original": original_loop,
     "minimal": minimal_loop,
+    "floor": floor_loop,
     "toolkit": toolkit_loop,
 }
 
@@ -480,7 +556,7 @@ def time_variants(ctx: Context, names: list[str]) -> dict[str, dict]:
         t0 = time.perf_counter()
         run_steps(loops[name], max(args.warmup, 1), sync)  # builds it, then warms it up
         print(f"  {name}: built and warmed up ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-        torch.set_num_threads(ctx.args.threads)  # the Trainer sets it too: keep all three on one count
+        torch.set_num_threads(ctx.args.threads)  # the Trainer sets it too: keep every variant on one count
         torch.set_flush_denormal(ctx.args.denormals == "flush")  # in case a variant changed it
     runs: dict[str, list[float]] = {n: [] for n in names}
     others: dict[str, list[float | None]] = {n: [] for n in names}
@@ -553,6 +629,11 @@ def probe_in_subprocess(argv: list[str], name: str) -> dict:
 
 
 # ---------------------------------------------------------------- report
+def toolkit_step(trainer) -> str | None:
+    """How the toolkit ran its optimizer step: one CUDA graph, or eager (and why, when graphs were asked for)."""
+    return None if trainer is None else trainer.step_fn.describe()
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -590,6 +671,10 @@ def render(result: dict) -> str:
         what = WHAT[name]
         if name == "minimal":
             what += f" ({s['minimal_loss']} loss, {s['minimal_adam']} Adam)"
+        if name == "floor" and s["device"] == "cuda":
+            what += "; the whole step as one CUDA graph" if s["precision"] != "fp16" else "; eager (fp16)"
+        if name == "toolkit" and s.get("toolkit_step"):
+            what += f"; step: {s['toolkit_step']}"
         row = (
             f"| {name} | {what} | {v['examples_per_s']:,.0f} | {min(v['runs']):,.0f} - {max(v['runs']):,.0f} "
             f"| {v['ms_per_step']:.2f} |"
@@ -629,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before any parallel work: torch's worker threads copy this flag from the main thread when they
     # are created, and a later call reaches the main thread only.
     torch.set_flush_denormal(args.denormals == "flush")
-    torch.set_num_threads(args.threads)  # the same count for all three (the Trainer gets it as cpu_threads)
+    torch.set_num_threads(args.threads)  # the same count for every variant (the Trainer gets it as cpu_threads)
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="vae-bench-") as run_dir:
@@ -661,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             variants[name].update(probe_in_subprocess(argv, name))
     ratios = {}
     if "toolkit" in variants:
-        for other in ("original", "minimal"):
+        for other in ("original", "minimal", "floor"):
             if other in variants:
                 ratios[f"toolkit/{other}"] = variants["toolkit"]["examples_per_s"] / variants[other]["examples_per_s"]
     result = {
@@ -683,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
             "denormals": args.denormals,
             "load_average": [load_before, load_after],  # 1-minute, before and after the timing
             "others_cores_max": max(others) if others else None,
+            "toolkit_step": toolkit_step(ctx.trainer),
         },
         "machine": machine(),
         "variants": variants,

@@ -5,12 +5,13 @@ A checkpoint is a directory `<run.dir>/checkpoints/step-XXXXXXXX/`:
     model.safetensors      weights, model config in the metadata (export format: VAE.from_pretrained loads it)
     config.json            the model config (from_pretrained convention)
     optimizer.safetensors  Adam moments and step counts, flattened as state.<param>.<name>
-    trainer.safetensors    each rank's RNG states and the trainer's on-device counters
+    trainer.safetensors    each rank's RNG states and loss sums of the current logging window
     state.json             step, epoch, position in the epoch, run config, optimizer param groups,
-                           scheduler and grad-scaler state, tracker run id, library versions
+                           grad-scaler state, tracker run id, library versions
     manifest.json          size and sha256 of every file above; written last
 
-It is written by the main process into a temporary directory `.tmp-step-XXXXXXXX-<pid>`, every
+It is written by the main process, in the background (`CheckpointWriter`: training goes on while
+the files are written), into a temporary directory `.tmp-step-XXXXXXXX-<pid>`, every
 file fsynced, then renamed into place, so a crash (kill -9, full disk) at any moment leaves either
 the complete new checkpoint or none, and the previous ones intact. A write that fails (OSError, or
 safetensors' SafetensorError, e.g. "No space left on device (os error 28)") removes its temporary
@@ -25,11 +26,13 @@ train.resume=auto (which skips that checkpoint with a warning, as any other brok
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import shutil
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +180,51 @@ def write_checkpoint(
         ) from err
     prune(run_dir, keep)
     return final
+
+
+def host_copy(tree: Any) -> Any:
+    """A copy of `tree` (dicts, lists, tensors, plain values) whose tensors are private CPU copies:
+    a snapshot that training may go on changing the originals of."""
+    if torch.is_tensor(tree):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: host_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(host_copy(v) for v in tree)
+    return copy.deepcopy(tree)
+
+
+class CheckpointWriter:
+    """`write_checkpoint` in the background, one checkpoint at a time (main process).
+
+    `submit` snapshots the tensors into host memory and returns the checkpoint's path at once; one
+    worker thread writes, fsyncs, renames and prunes while the next steps train, so a save costs the
+    loop a device-to-host copy (a few MB), not a disk write. The next `submit` first waits for the
+    previous write. A failed write raises its CheckpointError from the next `submit`, `check` or
+    `wait`; a process that exits normally or by an exception still finishes the write in progress
+    (the thread is joined at exit), and one killed outright leaves the previous checkpoint intact."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae-checkpoint")
+        self._pending: Future | None = None
+
+    def submit(self, run_dir: Path, step: int, **parts: Any) -> Path:
+        """Queue `write_checkpoint(run_dir, step, **parts)` on a snapshot of `parts`."""
+        self.wait()
+        snapshot = host_copy(parts)
+        self._pending = self._pool.submit(write_checkpoint, run_dir, step, **snapshot)
+        return checkpoints_dir(run_dir) / f"{PREFIX}{step:08d}"
+
+    def check(self) -> None:
+        """Raise the error of a write that has finished; never waits for one in progress."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Return once the last submitted checkpoint is on disk; raise its CheckpointError."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
 
 def prune(run_dir: Path, keep: int) -> None:

@@ -139,6 +139,9 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     cpu_threads: int | None = None  # torch threads per process on CPU; None = usable cores / local processes
     flush_denormal: bool = True  # on CPU, treat subnormal floats as zero (x86: ~40% faster after ~700 steps)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
+    # Replay each optimizer step as one CUDA graph; auto: on for CUDA in fp32 (precision=no) or bf16, off otherwise
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
 
     def problems(self) -> list[str]:
         out = []
@@ -153,6 +156,20 @@ class TrainConfig:
         ):
             if msg:
                 out.append(f"train.{key}={getattr(self, key)}: {msg}.")
+        if self.cuda_graphs == "on":
+            # fp16 needs GradScaler.step, which reads the inf check on the host every step (a sync a
+            # graph cannot hold); torch.compile brings graphs of its own (compile_mode=reduce-overhead).
+            blockers = {
+                "train.precision=fp16": self.precision == "fp16",
+                "train.compile=true": self.compile,
+                "train.device=cpu": self.device == "cpu",
+            }
+            for what, blocks in blockers.items():
+                if blocks:
+                    out.append(
+                        f"train.cuda_graphs=on cannot be combined with {what}; use train.cuda_graphs=auto "
+                        "(graphs where they apply) or off."
+                    )
         return out
 
     def accumulation_steps(self, num_processes: int) -> int:

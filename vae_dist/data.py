@@ -236,5 +236,6 @@ def index_loader(n: int, micro_batch_size: int) -> DataLoader:
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 in [0, 1], the reference's ToTensor scaling."""
-    return images.float().div_(255.0)
+    """uint8 0..255 -> float32 in [0, 1], the reference's ToTensor scaling (one kernel: true division
+    of the integers computes in float32, the same numbers as `images.float() / 255`)."""
+    return torch.div(images, 255.0)

@@ -312,3 +312,111 @@ def write_figures(
         if path is not None:
             paths[key] = path
     return paths
+
+
+# ------------------------------------------------------------------ drawing while training goes on
+_WORKER: dict[str, Any] = {}  # the test split, held by a background worker process
+
+
+def _start_worker(images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Initialiser of the worker process: stop signals are for the training process (which waits
+    for the drawing in progress), and the worker dies with its parent, whatever kills that."""
+    import signal
+
+    from vae_dist.signals import STOP_SIGNALS, die_with_parent
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
+    torch.set_num_threads(2)  # leave the host's other cores to the training processes
+    _WORKER.update(images=images, labels=labels)
+
+
+def _draw(config: dict, state: dict, records: list, out_dir: Path, seed: int, spe: float) -> tuple[dict, list]:
+    """In the worker: rebuild the model from its config and weights, draw, return (paths, warnings)."""
+    from vae_dist.model import VAE
+
+    model = VAE(**config)
+    model.load_state_dict(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FigureWarning)
+        paths = write_figures(
+            model, _WORKER["images"], _WORKER["labels"], records, out_dir, seed=seed, steps_per_epoch=spe
+        )
+    return paths, [str(w.message) for w in caught]
+
+
+class FigureDrawer:
+    """`write_figures` for the trainer's main process: in place, or in a worker process meanwhile.
+
+    A draw costs about a second of CPU (matplotlib, PNG encoding, decoding on the CPU). On a GPU that
+    second would stall the device, so a worker process (spawned, so it never shares CUDA state)
+    draws from a CPU copy of the weights while training goes on; a thread would not do, since the
+    drawing holds Python's GIL that the training loop needs between replays. On a CPU run the worker
+    would take the training's own cores, so the figures are drawn in place. `collect` returns the
+    draws that have finished, as (paths, step at submit), in order, for the tracker."""
+
+    def __init__(
+        self,
+        test_images: torch.Tensor,
+        test_labels: torch.Tensor,
+        out_dir: Path,
+        *,
+        seed: int,
+        steps_per_epoch: float,
+        background: bool,
+    ):
+        self.images, self.labels = test_images, test_labels.cpu()
+        self.out_dir, self.seed, self.spe = Path(out_dir), seed, steps_per_epoch
+        self.pool = None
+        self.pending: list[tuple[Any, int]] = []  # (future or finished result, step)
+        if background:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(test_images.cpu(), self.labels),
+            )
+            self.pool.submit(int)  # start the worker now: its imports overlap the first epochs
+
+    def submit(self, model: torch.nn.Module, records: list[dict[str, Any]], step: int) -> None:
+        """Draw the figures of `model` (as it is now) and `records`, labelled with optimizer step `step`."""
+        if self.pool is None:
+            paths = write_figures(
+                model, self.images, self.labels, records, self.out_dir, seed=self.seed, steps_per_epoch=self.spe
+            )
+            self.pending.append(((paths, []), step))
+            return
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        future = self.pool.submit(_draw, model.config_dict, state, records, self.out_dir, self.seed, self.spe)
+        self.pending.append((future, step))
+
+    def collect(self, wait: bool = False) -> list[tuple[dict[str, Path], int]]:
+        """The finished draws, oldest first (all of them with `wait`); a worker failure is a warning."""
+        done = []
+        while self.pending:
+            job, step = self.pending[0]
+            if not isinstance(job, tuple):
+                if not (wait or job.done()):
+                    break
+                try:
+                    job = job.result()
+                except Exception as err:  # the worker died or raised: pictures never stop training
+                    job = ({}, [f"the figures of step {step} were not drawn ({type(err).__name__}: {err})."])
+            self.pending.pop(0)
+            paths, problems = job
+            for message in problems:
+                warnings.warn(message, FigureWarning, stacklevel=2)
+            done.append((paths, step))
+        return done
+
+    def close(self) -> list[tuple[dict[str, Path], int]]:
+        """Wait for every draw, stop the worker; returns the draws that had not been collected."""
+        done = self.collect(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+        return done

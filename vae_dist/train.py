@@ -4,14 +4,19 @@
     python -m vae_dist.train --config configs/smoke.yaml train.epochs=2
 
 Overrides are section.key=value (see README, "Configuration"). Exit codes: 0 done; 1 training
-stopped (non-finite loss, failed checkpoint write); 2 bad config, data or checkpoint (one line on
-stderr naming the problem); 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint.
+stopped (non-finite loss, a file or checkpoint that could not be written: one sentence on stderr
+naming it and the last good checkpoint); 2 bad config, data, checkpoint, launch, or a run.dir another
+run holds (one sentence on stderr naming the problem); 75 stopped by SIGTERM/SIGINT/SIGUSR1, after
+saving a checkpoint when a step ran since the last one (during start-up: at once, nothing written).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.perf_counter()  # the process's work begins: imports count as start-up
 
 if __name__ == "__main__" and not __package__:
     # Run as a file (`accelerate launch vae_dist/train.py`): Python put vae_dist/ itself on sys.path,
@@ -20,8 +25,8 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 
-EXIT_FAILED = 1  # training stopped: non-finite loss, or a checkpoint could not be written
-EXIT_BAD_INPUT = 2  # bad config, data, checkpoint or launch: nothing was trained
+EXIT_FAILED = 1  # training stopped: non-finite loss, or a checkpoint or file could not be written
+EXIT_BAD_INPUT = 2  # bad config, data, checkpoint or launch, or run.dir in use: nothing was trained
 EXIT_PREEMPTED = 75  # a signal (SIGTERM, SIGINT, SIGUSR1) stopped it after a checkpoint: resume with train.resume=auto
 
 
@@ -33,11 +38,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default=None, help="YAML file in configs/ (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3 model.z_dim=10")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may stand before or after --config
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    from vae_dist.signals import Stopped, StopSignals, signal_name
+
+    # First of all: from here on a stop signal has a documented outcome (see vae_dist.signals).
+    signals = StopSignals().install()
+    try:
+        return run(parse_args(argv), signals)
+    except Stopped as stop:
+        print(
+            f"vae-train: stopped by {signal_name(stop.signum)} during start-up, before any training step: "
+            "nothing needed saving. Rerun the same command to start (or resume).",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
+    finally:
+        signals.uninstall()
+
+
+def run(args: argparse.Namespace, signals) -> int:
     from vae_dist.config import ConfigError, load_config
 
     try:
@@ -46,19 +68,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vae-train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from vae_dist.checkpoint import CheckpointError
+    from safetensors import SafetensorError
+
+    from vae_dist.checkpoint import CheckpointError, latest_valid
     from vae_dist.data import DataError
+    from vae_dist.runlock import RunLocked
     from vae_dist.trainer import LaunchError, NonFiniteLossError, Trainer
 
     try:
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError, CheckpointError, LaunchError) as err:
+        trainer = Trainer(cfg, signals=signals, started=STARTED)
+    except (ConfigError, DataError, CheckpointError, LaunchError, RunLocked) as err:
         print(f"vae-train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         summary = trainer.fit()
     except (CheckpointError, NonFiniteLossError) as err:
         print(f"vae-train: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, SafetensorError) as err:  # metrics.jsonl, config.yaml or the export: disk full, permissions
+        what = getattr(err, "filename", None) or "a file in run.dir"
+        reason = getattr(err, "strerror", None) or str(err)
+        last = latest_valid(trainer.run_dir, warn=False)
+        print(
+            f"vae-train: error: could not write {what} ({reason}); the last good checkpoint is "
+            f"{last or 'none (no checkpoint was saved)'}. Free disk space or fix the permissions of "
+            f"{trainer.run_dir}, then rerun the same command to resume.",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     return EXIT_PREEMPTED if summary.get("preempted") else 0
 

@@ -1,0 +1,199 @@
+"""Every way a run is stopped or doubled leaves it whole (issue 13): a signal at any moment, a launcher
+killed by a supervisor, a second run into the same run.dir, a run killed with -9. CPU processes.
+Run: pytest tests/test_signals.py   (the launcher tests are marked distributed)"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, cpu_env, train_in_process
+from vae_dist.checkpoint import latest_valid, verify
+from vae_dist.config import load_config
+from vae_dist.trainer import Trainer
+
+LONG = ["train.epochs=400", "tracking.log_every_steps=2"]  # trains until stopped
+
+
+def train_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "vae_dist.train", *overrides]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert path.exists(), f"{path} never appeared (exit code {proc.poll()})"
+
+
+def processes_using(run_dir: Path) -> list[psutil.Process]:
+    """Live (not zombie) processes whose command line names run_dir."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(str(run_dir) in a for a in p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(
+    nproc: int, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """A supervisor signals the process it started: `accelerate launch`. With one process the launcher
+    dies at once (exit -15) and its training process, told by the kernel (PR_SET_PDEATHSIG), still
+    finishes its step, checkpoints and exits 75; with two, torchrun's agent forwards the TERM."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "launcher_probe.py"), str(nproc), str(run), str(tmp_path / "out")]
+        + [*tiny_overrides, *LONG],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cpu_env(),
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["signalled"], report["stderr"]
+    assert "stopped by SIGTERM at step" in report["stdout"], report["stdout"][-2000:] + report["stderr"]
+    if nproc == 1:
+        assert report["launcher_code"] == -signal.SIGTERM  # accelerate's simple launcher does not wait
+        assert [o["code"] for o in report["orphans"]] == [75]  # the orphan checkpointed and exited 75
+    else:
+        assert report["launcher_code"] != 0 and report["orphans"] == []  # the agent waited for its workers
+    saved = latest_valid(run)
+    assert saved is not None and json.loads((saved / "state.json").read_text())["step"] > 0
+    assert not (run / "model.safetensors").exists()  # stopped, not finished
+    assert processes_using(run) == []
+
+
+def test_signal_during_start_up_exits_75_and_writes_nothing(tiny_overrides: list[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_cmd([*tiny_overrides, *LONG]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=cpu_env(),
+    )
+    # Wait until vae-train has its SIGTERM handler (the kernel's SigCgt mask shows it), which it
+    # installs before importing torch: the signal then lands during the imports of start-up.
+    status = Path(f"/proc/{proc.pid}/status")
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        caught = next(int(line.split()[1], 16) for line in status.read_text().splitlines() if line.startswith("SigCgt"))
+        if caught & (1 << (signal.SIGTERM - 1)):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "stopped by SIGTERM during start-up, before any training step" in err
+    assert not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists()
+    assert latest_valid(run) is None
+
+
+@pytest.mark.parametrize("moment", ["evaluate", "draw_figures"])
+def test_signal_during_epoch_end_work_checkpoints_and_stops(
+    moment: str, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """SIGTERM during the epoch-end evaluation or pictures of epoch 1 (of 2): the run stops right after
+    that work, with a checkpoint of the step it reached, and no further step."""
+    trainer = Trainer(load_config(None, [*tiny_overrides, "checkpoint.every_epochs=0"]))
+    original = getattr(trainer, moment)
+
+    def interrupted():
+        signal.raise_signal(signal.SIGTERM)
+        return original()
+
+    setattr(trainer, moment, interrupted)
+    summary = trainer.fit()
+    assert summary["preempted"] and summary["steps"] == 8  # 400 examples / batch 50: the end of epoch 1
+    assert summary["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "step-00000008")
+    assert verify(Path(summary["checkpoint"])) is None
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_signal_after_the_last_step_lets_the_run_finish(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """SIGTERM during the export: the final checkpoint is written already and the export takes
+    milliseconds, so the run ends finished (exit 0 from vae-train), not preempted."""
+    trainer = Trainer(load_config(None, tiny_overrides))
+    export = trainer.export_model
+
+    def interrupted():
+        signal.raise_signal(signal.SIGTERM)
+        return export()
+
+    trainer.export_model = interrupted
+    summary = trainer.fit()
+    assert not summary.get("preempted") and summary["steps"] == 16
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert latest_valid(tmp_path / "run").name == "step-00000016"
+
+
+def test_a_second_run_into_the_same_run_dir_is_refused(tiny_overrides: list[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        train_cmd([*tiny_overrides, *LONG]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env()
+    )
+    try:
+        wait_for(run / "metrics.jsonl", first)
+        config = (run / "config.yaml").read_bytes()
+        second = subprocess.run(
+            train_cmd([*tiny_overrides, "train.epochs=1"]), capture_output=True, text=True, env=cpu_env(), timeout=120
+        )
+        assert second.returncode == 2, second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"run.dir={run} is in use by pid {first.pid} on host" in lines[0]
+        assert f"kill -TERM {first.pid}" in lines[0] and "choose another run.dir" in lines[0]
+        assert (run / "config.yaml").read_bytes() == config  # the refused run wrote nothing
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 75
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == sorted(set(train_steps))  # one run's lines only: no duplicated or reordered steps
+
+
+def test_a_killed_run_leaves_no_lock_that_blocks_its_resume(tiny_overrides: list[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        train_cmd([*tiny_overrides, *LONG, "checkpoint.every_steps=2"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cpu_env(),
+    )
+    wait_for(run / "checkpoints", first)
+    time.sleep(0.5)
+    first.kill()  # kill -9: no handler runs, the kernel drops the lock
+    first.communicate()
+    (run / "checkpoints" / ".tmp-step-00009999-1").mkdir()  # what a save killed mid-write leaves
+    resumed = subprocess.run(
+        train_cmd([*tiny_overrides, "train.epochs=3"]), capture_output=True, text=True, env=cpu_env(), timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # cleared at the start
+
+
+def test_stale_temp_dirs_are_cleared_when_a_run_starts(tiny_overrides: list[str], tmp_path: Path) -> None:
+    stale = tmp_path / "run" / "checkpoints" / ".tmp-step-00000005-4242"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    trainer, _ = train_in_process([*tiny_overrides, "train.max_steps=2"])
+    assert not stale.exists()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]

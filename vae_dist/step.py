@@ -1,0 +1,372 @@
+"""One optimizer step of the VAE: the batch plan, the noise, forward, backward, the update and the
+device-side sums; on CUDA, the whole of it captured once as a CUDA graph and replayed every step.
+
+The trainer drives it: once an epoch, `TrainStep.epoch_batches(BatchPlan.epoch(e))` gathers this
+process's pixels of the whole epoch into one float tensor [steps, accumulation steps, micro-batch,
+784] on the device; then `TrainStep.run(step, batches[s])` takes optimizer step `step` on step s's
+slice. Nothing in a step waits for the device: the loss sums and the finiteness of each step stay
+in device tensors (`rows`), read by the trainer at its logging interval.
+
+The batch plan: epoch e's order is one permutation of the N training examples, drawn on the CPU from
+(train.seed, e), the same on every rank, device and process count. Global batch s is the slice
+[s*G, (s+1)*G) of it; micro-batch m of rank r takes positions [(m*P + r) * micro, ... + micro) of that
+global batch: one gather an epoch, no DataLoader, no host-to-device copy per step. Each epoch
+uses floor(N / G) global batches (MNIST's 60,000 at batch 100: all of them); the last N mod G of the
+permutation wait for a later epoch, so that every step has the same shape, which a graph needs.
+
+The noise contract: the reparameterisation noise (and, with data.binarize=dynamic, the Bernoulli
+draws) of step s is drawn for the whole global batch from a generator seeded by (train.seed, s), and
+each rank takes the rows of its examples, the positions above. So an example's noise depends on
+(seed, step, position in the global batch) only: 1 process x 100, 2 x 50 and 1 x 50 x 2 end with
+the same parameters, and a resume is exact.
+
+CUDA graphs (train.cuda_graphs): one `torch.cuda.CUDAGraph` holds every micro-batch's forward and
+backward, DDP's gradient all-reduce, clipping, the fused Adam update (capturable, learning rate in a
+device tensor so that schedules still apply) and the sums. Per step the host seeds the noise
+generator, copies the step's pixels into the graph's input buffer and replays. The recipe, and the
+pitfalls it avoids (PyTorch's "CUDA Graphs" notes; Megatron-LM's full_cuda_graph.py):
+- eager warm-up steps on a side stream before capture: 3, or 11 under DDP (its first iterations
+  rebuild buckets), and DDP itself built on a side stream (`prepare`);
+- gradients allocated before capture and zeroed inside the graph, never set to None: a gradient
+  that autograd creates inside the capture lives in the graph's private pool, and accumulation over
+  micro-batches then read stale memory (pytorch/pytorch#96693);
+- the noise generator registered with the graph (`register_generator_state`), so that a replay
+  reads the seed and offset that `manual_seed` set on the host and advances the offset between
+  draws as eager code does: the same numbers (`manual_seed` resets the offset to 0, so the
+  multiple-of-4 rule of `set_offset` never bites);
+- the optimizer's state created by the warm-up steps, not inside the capture (its zero
+  initialisation would rerun at every replay), and loaded from a checkpoint before the capture
+  (`load_state_dict` replaces the state tensors);
+- every autocast region opens and closes inside the capture, so the weight casts it caches are
+  made and dropped within the graph (the cache_enabled=False rule of `make_graphed_callables` is
+  for graphs that end inside an autocast region);
+- the first graphed step is checked against an eager step from the same state; a difference above
+  `VERIFY_RTOL`, or any error while capturing, restores the state, warns once (`GraphWarning`,
+  naming why) and trains on eagerly. Every rank agrees on the outcome.
+fp16 stays eager: `GradScaler.step` reads its inf check on the host every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vae_dist.data import to_unit
+from vae_dist.evaluate import TERMS, seed_for
+from vae_dist.model import loss_terms
+
+TRAIN_STREAM = 1  # noise stream of training steps (seed_for); evaluation uses 2 and 3
+ORDER_STREAM = 4  # stream of each epoch's data order
+WARMUP_STEPS = 3  # eager steps before capture (PyTorch's whole-network example uses 3)
+WARMUP_STEPS_DDP = 11  # under DDP: "at least 11 DDP-enabled eager iterations" (PyTorch CUDA Graphs notes)
+VERIFY_RTOL = 1e-5  # graph vs eager after the first graphed step: largest |a - b| / |b| (tensor norms)
+MIN_NCCL = (2, 9, 6)  # NCCL that can be captured (PyTorch CUDA Graphs notes)
+
+
+class GraphWarning(UserWarning):
+    """The step could not be captured as a CUDA graph (the message says why); training goes on eagerly."""
+
+
+@dataclass
+class BatchPlan:
+    """Which training examples each micro-batch of each optimizer step takes (see the module docstring)."""
+
+    n: int  # training examples
+    batch_size: int  # global batch G
+    micro: int  # examples per process per forward
+    accum: int  # micro-batches per process per optimizer step
+    rank: int
+    world: int  # processes P
+    seed: int
+    device: torch.device
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def epoch(self, epoch: int) -> torch.Tensor:
+        """This rank's indices for every step of `epoch`: int64 [steps, accum, micro] on the device."""
+        g = torch.Generator().manual_seed(seed_for(self.seed, ORDER_STREAM, epoch))
+        order = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch_size]
+        mine = order.view(self.steps_per_epoch, self.accum, self.world, self.micro)[:, :, self.rank]
+        return mine.contiguous().to(self.device)
+
+    def mine(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's rows [accum, micro, ...] of a tensor [G, ...] drawn for the whole global batch."""
+        return batch.view(self.accum, self.world, self.micro, *batch.shape[1:])[:, self.rank]
+
+
+def wants_graphs(mode: str, device: torch.device, precision: str, compile: bool) -> bool:
+    """Whether train.cuda_graphs=`mode` asks for a capture on this device and precision."""
+    return mode != "off" and device.type == "cuda" and precision != "fp16" and not compile
+
+
+def prepare(accelerator, model, optimizer, graphs: bool):
+    """`accelerator.prepare(model, optimizer)`; under DDP with graphs, DDP is built on a side stream,
+    as PyTorch's recipe for capturing DDP asks."""
+    if not (graphs and accelerator.num_processes > 1):
+        return accelerator.prepare(model, optimizer)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        prepared = accelerator.prepare(model, optimizer)
+    torch.cuda.current_stream().wait_stream(side)
+    return prepared
+
+
+class TrainStep:
+    """One optimizer step, eager or replayed as one CUDA graph (see the module docstring).
+
+    Device-side state the trainer reads: `rows` [log_every, len(TERMS)] holds the summed loss terms
+    of each step since the trainer last called `reset_rows` (row i = i-th step), and `norm` the
+    global gradient norm before clipping (when optim.grad_clip > 0; otherwise `grad_norm()` measures
+    it from the gradients the step left)."""
+
+    def __init__(self, cfg, accelerator, model, optimizer, images: torch.Tensor, plan: BatchPlan, graphs: bool):
+        self.acc = accelerator
+        self.model = model  # as prepared: DDP-wrapped on several processes
+        self.optimizer = optimizer  # Accelerate's wrapper: GradScaler step for fp16
+        self.inner = optimizer.optimizer  # the torch optimizer itself
+        self.params = [p for g in self.inner.param_groups for p in g["params"]]
+        self.images = images  # uint8 [N, 784] on the device
+        self.plan = plan
+        self.seed = cfg.train.seed
+        self.objective, self.k, self.z_dim = cfg.model.objective, cfg.model.k, cfg.model.z_dim
+        self.dynamic = cfg.data.binarize == "dynamic"
+        self.clip = cfg.optim.grad_clip
+        dev = accelerator.device
+        self.noise = torch.Generator(device=dev)
+        self.rows = torch.zeros(cfg.tracking.log_every_steps, len(TERMS), device=dev)
+        self.row = torch.zeros(1, dtype=torch.long, device=dev)  # next row of `rows`, for a graph
+        self.used = 0  # rows written since the last reset_rows (the host's count)
+        self.norm = torch.full((), math.nan, device=dev)
+        self.lr = math.nan  # the learning rate last set (host float)
+        # Graph state: capture is attempted after `warmup` eager steps from the start (or a resume).
+        self.graphs = graphs
+        self.warmup = WARMUP_STEPS_DDP if accelerator.num_processes > 1 else WARMUP_STEPS
+        self.eager_steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: torch.Tensor | None = None  # the graph's input: one step's pixels
+        self.fallback: str | None = None  # why the step runs eagerly although graphs were asked for
+
+    # ---------------------------------------------------------------- the step
+    def epoch_batches(self, order: torch.Tensor) -> torch.Tensor:
+        """This rank's pixels of an epoch, [steps, accum, micro, 784] for the indices `order` [steps,
+        accum, micro] (BatchPlan.epoch): one gather an epoch, so a step takes a slice. On CUDA they
+        are converted to float32 here too (188 MB of device memory for MNIST, no conversion kernel in
+        the step); a CPU converts each micro-batch instead, since converting the whole epoch at once
+        costs it ~0.1 s (page faults of 188 MB) against ~12 ms over 600 steps."""
+        pixels = torch.index_select(self.images, 0, order.flatten()).view(*order.shape, -1)
+        return to_unit(pixels) if pixels.is_cuda else pixels
+
+    def compute(self, x: torch.Tensor) -> None:
+        """The whole optimizer step on this rank's pixels [accum, micro, 784] (uint8, or float in
+        [0, 1]): what one graph captures."""
+        acc, plan = self.acc, self.plan
+        eps = plan.mine(torch.randn(plan.batch_size, self.k, self.z_dim, generator=self.noise, device=acc.device))
+        if self.dynamic:
+            u = plan.mine(torch.rand(plan.batch_size, x.shape[-1], generator=self.noise, device=acc.device))
+        # Gradients persist across graphed steps (zeroed here, inside the graph); eagerly they are
+        # dropped and re-created by the first backward, which skips a memset of every gradient.
+        self.inner.zero_grad(set_to_none=not self.graphs)
+        total = None
+        for m in range(plan.accum):
+            xm = x[m] if x.is_floating_point() else to_unit(x[m])
+            if self.dynamic:
+                xm = (u[m] < xm).float()
+            # DDP all-reduces after the last micro-batch only.
+            with acc.no_sync(self.model) if m < plan.accum - 1 else contextlib.nullcontext():
+                with acc.autocast():
+                    terms = loss_terms(self.model, xm, eps[m], self.objective)
+                acc.backward(terms["loss"].mean())  # divides by the accumulation steps
+            sums = torch.stack([terms[t].detach() for t in TERMS], 1).sum(0)
+            total = sums if total is None else total + sums
+        if self.clip > 0:
+            self.norm.copy_(acc.clip_grad_norm_(self.params, self.clip))
+        if acc.scaler is not None:
+            self.optimizer.step()  # GradScaler: unscale, skip on inf/NaN, update the scale
+        else:
+            self.inner.step()  # the wrapper only forwards here, at ~0.3 ms of host work a step on a CPU
+        if self.graphs:  # a replay finds its row through a device counter
+            self.rows.index_copy_(0, self.row, total.unsqueeze(0))
+            self.row.add_(1)
+        else:  # eagerly the host knows it (fewer kernels a step: the CPU's hot path)
+            self.rows[self.used].copy_(total)
+        self.used += 1
+
+    def run(self, step: int, x: torch.Tensor) -> None:
+        """Optimizer step `step` (0-based count of steps taken) on the pixels `x`: replayed, or eager."""
+        self.noise.manual_seed(seed_for(self.seed, TRAIN_STREAM, step))
+        if self.graph is not None:
+            self.static_x.copy_(x)
+            self.graph.replay()
+            self.used += 1
+            return
+        if self.graphs and self.fallback is None and self.eager_steps >= self.warmup and self.capture(step, x):
+            return
+        with self._side_stream() if self.graphs and self.fallback is None else contextlib.nullcontext():
+            self.compute(x)
+        self.eager_steps += 1
+
+    # ---------------------------------------------------------------- what the trainer reads and sets
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps: written into the device tensor a graph reads, or the float."""
+        if lr == self.lr:
+            return
+        self.lr = lr
+        for group in self.inner.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def describe(self) -> str:
+        """How the steps run: "one CUDA graph", or "eager" (and why, when graphs were asked for)."""
+        if self.graph is not None:
+            return "one CUDA graph a step"
+        return f"eager: {self.fallback}" if self.fallback else "eager"
+
+    def reset_rows(self, used: int = 0) -> None:
+        """Start a new logging window; `used` rows of it already hold sums (a resumed window)."""
+        if used == 0:
+            self.rows.zero_()
+        self.row.fill_(used)
+        self.used = used
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global gradient norm (before clipping) of the last step, on the device."""
+        if self.clip > 0:
+            return self.norm
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return self.norm
+        # The gradients the step left: all-reduced (DDP) and unscaled (fp16), never clipped here.
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state dict with JSON-able param groups (a graph's lr is a device tensor)."""
+        state = self.inner.state_dict()
+        state["param_groups"] = [
+            {k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items()} for g in state["param_groups"]
+        ]
+        return state
+
+    def load_optimizer(self, state: dict) -> None:
+        """Load an optimizer state dict, keeping this run's lr tensor and capturable flag."""
+        keep = [{"lr": g["lr"], "capturable": g.get("capturable", False)} for g in self.inner.param_groups]
+        self.inner.load_state_dict(state)
+        for group, mine in zip(self.inner.param_groups, keep):
+            group.update(mine)
+        self.lr = math.nan  # the trainer sets it again before the next step
+
+    # ---------------------------------------------------------------- capture
+    @contextlib.contextmanager
+    def _side_stream(self):
+        """Warm-up steps run on a side stream, as PyTorch's capture recipe asks."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+    def blocker(self) -> str | None:
+        """Why this torch, launch or process group cannot capture the step; None when it can."""
+        if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):  # pytorch/pytorch#114068
+            return f"torch {torch.__version__} has no CUDAGraph.register_generator_state, which graph-safe noise needs"
+        if self.acc.num_processes > 1:
+            version = torch.cuda.nccl.version()
+            if tuple(version) < MIN_NCCL:
+                return f"NCCL {'.'.join(map(str, version))} cannot be captured (needs >= 2.9.6)"
+            if os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0") != "0":
+                return (
+                    f"TORCH_NCCL_ASYNC_ERROR_HANDLING={os.environ['TORCH_NCCL_ASYNC_ERROR_HANDLING']} "
+                    "(capturing NCCL needs 0)"
+                )
+        return None
+
+    def _state(self) -> list[torch.Tensor]:
+        """Every tensor a step writes: parameters, optimizer state, lr tensors and the device sums."""
+        out = list(self.params)
+        for p in self.params:
+            out += [v for v in self.inner.state.get(p, {}).values() if torch.is_tensor(v)]
+        out += [g["lr"] for g in self.inner.param_groups if torch.is_tensor(g["lr"])]
+        return out + [self.rows, self.row, self.norm]
+
+    def capture(self, step: int, x: torch.Tensor) -> bool:
+        """Capture the step, replay it as step `step` and check it against the eager step from the same
+        state. True: step `step` is done and later steps replay. False: nothing changed (warned)."""
+        state = self._state()
+        before, used = [t.clone() for t in state], self.used
+        why = self.blocker()
+        graph = None
+        if why is None:
+            try:
+                self.compute(x)  # the reference: one eager step (the noise is seeded already)
+                expected = [t.clone() for t in state]
+                for t, b in zip(state, before):
+                    t.copy_(b)
+                self.static_x = x.clone()
+                graph = torch.cuda.CUDAGraph()
+                with warnings.catch_warnings():  # torch >= 2.13 registers lazily and calls this deprecated
+                    warnings.simplefilter("ignore")
+                    graph.register_generator_state(self.noise)
+                # thread_local, as Megatron-LM and torchtitan capture: the tracker's and checkpoint
+                # writer's threads may call into CUDA meanwhile without invalidating the capture.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.compute(self.static_x)
+                self.noise.manual_seed(seed_for(self.seed, TRAIN_STREAM, step))
+                graph.replay()
+                diff = max(_relative(t, e) for t, e in zip(state, expected))
+                if not diff <= VERIFY_RTOL:
+                    why = (
+                        f"the first graphed step differed from the eager step by {diff:.1e} "
+                        f"(relative, > {VERIFY_RTOL:g})"
+                    )
+            except Exception as err:  # anything capture raises: the run trains on eagerly
+                why = f"capture failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})"
+        why = self._agree(why)
+        self.used = used  # compute() counted the eager reference and the capture
+        if why is None:
+            self.graph = graph
+            self.used += 1  # the replay of step `step`
+            return True
+        for t, b in zip(state, before):
+            t.copy_(b)
+        self.fallback, self.graph, self.static_x = why, None, None
+        if self.acc.is_main_process:
+            warnings.warn(
+                f"train.cuda_graphs: the optimizer step is not replayed as a CUDA graph: {why}. Training goes "
+                "on eagerly (same numbers, slower); set train.cuda_graphs=off to skip the attempt.",
+                GraphWarning,
+                stacklevel=3,
+            )
+        return False
+
+    def _agree(self, why: str | None) -> str | None:
+        """Every rank replays, or none: one rank's failure is everyone's (its reason, or a note)."""
+        if self.acc.num_processes == 1:
+            return why
+        failed = torch.tensor([0 if why is None else 1], device=self.acc.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and why is None:
+            return "another process could not capture its step"
+        return why
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| over the whole tensor (0 when equal); NaN where both are NaN counts as equal."""
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else math.inf
+    a, b = a.double(), b.double()
+    both = a.isnan() & b.isnan()
+    diff = torch.linalg.vector_norm(torch.where(both, 0.0, a - b)).item()
+    scale = torch.linalg.vector_norm(torch.where(both, 0.0, b)).item()
+    if math.isnan(diff):
+        return math.inf
+    return diff / scale if scale > 0 else diff
