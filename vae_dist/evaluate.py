@@ -71,10 +71,10 @@ def evaluate_elbo(
         sums[:-1] += torch.stack([terms[t].double().sum() for t in TERMS])
         sums[-1] += x.shape[0]
     model.train(was_training)
-    sums = acc.reduce(sums, reduction="sum")
-    if int(sums[-1]) != n:
-        raise RuntimeError(f"evaluation counted {int(sums[-1])} of {n} examples; every process must call it")
-    return {t: (sums[i] / sums[-1]).item() for i, t in enumerate(TERMS)}
+    *totals, count = acc.reduce(sums, reduction="sum").tolist()  # the one host sync (float64)
+    if int(count) != n:
+        raise RuntimeError(f"evaluation counted {int(count)} of {n} examples; every process must call it")
+    return {t: total / count for t, total in zip(TERMS, totals)}
 
 
 # ---------------------------------------------------------------- importance-weighted log-likelihood

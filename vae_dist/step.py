@@ -56,6 +56,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import get_mixed_precision_context_manager
 
 from vae_dist.data import to_unit
 from vae_dist.evaluate import TERMS, seed_for
@@ -140,6 +141,9 @@ class TrainStep:
         self.objective, self.k, self.z_dim = cfg.model.objective, cfg.model.k, cfg.model.z_dim
         self.dynamic = cfg.data.binarize == "dynamic"
         self.clip = cfg.optim.grad_clip
+        # Accelerate's autocast context (torch.autocast, or nothing in fp32), built once and re-entered
+        # every micro-batch: `accelerator.autocast()` rebuilds it each call.
+        self.autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
         dev = accelerator.device
         self.noise = torch.Generator(device=dev)
         self.rows = torch.zeros(cfg.tracking.log_every_steps, len(TERMS), device=dev)
@@ -182,7 +186,7 @@ class TrainStep:
                 xm = (u[m] < xm).float()
             # DDP all-reduces after the last micro-batch only.
             with acc.no_sync(self.model) if m < plan.accum - 1 else contextlib.nullcontext():
-                with acc.autocast():
+                with self.autocast:
                     terms = loss_terms(self.model, xm, eps[m], self.objective)
                 acc.backward(terms["loss"].mean())  # divides by the accumulation steps
             sums = torch.stack([terms[t].detach() for t in TERMS], 1).sum(0)
@@ -247,6 +251,9 @@ class TrainStep:
         if not grads:
             return self.norm
         # The gradients the step left: all-reduced (DDP) and unscaled (fp16), never clipped here.
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: one foreach kernel
+        if total_norm is not None:
+            return total_norm(grads)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
     def optimizer_state(self) -> dict:

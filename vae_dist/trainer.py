@@ -295,6 +295,8 @@ class Trainer:
         self.run_started = time.perf_counter()
         self.prepare_run_dir()
         self.start_tracking()
+        if self.is_main:
+            self.figures = self.figure_drawer()
         self.console.start(cfg.train.epochs, self.steps_per_epoch, self.epoch, self.step_in_epoch)
         t0, start_step = time.perf_counter(), self.step
         self.startup["run.dir and tracker"] = t0 - self.run_started
@@ -563,16 +565,21 @@ class Trainer:
         if not self.is_main:
             return
         if self.figures is None:
-            self.figures = FigureDrawer(
-                self.test_images,
-                self.test_labels,
-                self.run_dir,
-                seed=self.cfg.train.seed,
-                steps_per_epoch=self.steps_per_epoch,
-                background=self.accelerator.device.type == "cuda",
-            )
+            self.figures = self.figure_drawer()
         self.figures.submit(self.accelerator.unwrap_model(self.model), self.metrics.read(), self.step)
         self.log_figures()
+
+    def figure_drawer(self) -> FigureDrawer:
+        """In place on a CPU run; on a GPU a worker process (started now, so that its imports overlap
+        the first epochs) draws while training goes on."""
+        return FigureDrawer(
+            self.test_images,
+            self.test_labels,
+            self.run_dir,
+            seed=self.cfg.train.seed,
+            steps_per_epoch=self.steps_per_epoch,
+            background=self.accelerator.device.type == "cuda",
+        )
 
     def log_figures(self, finish: bool = False) -> None:
         """Send the figures drawn so far to the tracker (W&B steps only go forward: at the current
