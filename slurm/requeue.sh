@@ -18,11 +18,10 @@
 #   step      CMD is `srun`. srun forwards the signal to its step, and Slurm delivers it to every
 #             process of the step on every node (checked on Slurm 22.05), so slurm/node_task.sh
 #             starts `accelerate launch` with USR1 ignored and only the training processes act on it.
-# Either way the launcher and its processes start with USR1 ignored (inherited across exec). The
-# trainer installs its own handler for the training loop; before it (imports, data, resume) and after
-# it (final save, export) a USR1 is then dropped instead of killing the process with the default
-# action. A dropped USR1 costs nothing: the job trains on, and at the time limit Slurm's TERM (handled
-# like USR1 below) still checkpoints and requeues it.
+# Either way the launcher and its processes start with USR1 ignored (inherited across exec), so the
+# launcher survives it; `vae-train` installs its own handler first thing (vae_dist/signals.py): a
+# USR1 during its start-up stops it at once (exit 75, nothing to save), during training it saves
+# after the step (exit 75), after the last step it lets the run finish (exit 0).
 # Slurm sends TERM to every process of the job itself at a time limit or `scancel`; forwarding it
 # again is harmless: the trainer acts on the first signal and ignores repeats.
 #

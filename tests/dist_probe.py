@@ -18,7 +18,7 @@ result = {"processes": trainer.accelerator.num_processes, "accum": trainer.accum
 if mode == "order":  # the micro-batches of indices this rank gets in epochs 0 and 1, and epoch 0 resumed at step 2
     for epoch, skip in ((0, 0), (1, 0), (0, 2)):
         trainer.epoch, trainer.step_in_epoch = epoch, skip
-        result[f"epoch{epoch}_skip{skip}"] = trainer.epoch_batches().flatten(0, 1).tolist()  # micro-batches in order
+        result[f"epoch{epoch}_skip{skip}"] = trainer.epoch_order().flatten(0, 1).tolist()  # micro-batches in order
 elif mode == "eval":
     result["eval"] = trainer.evaluate()
 out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import torch
 
 from conftest import SHARED_DATA, fake_digits, make_mnist, write_idx
 from vae_dist.config import DataConfig
-from vae_dist.data import IDX_FILES, DataError, index_loader, load_data, to_unit
+from vae_dist.data import IDX_FILES, DataError, load_data, to_unit
 
 
 def test_splits_are_uint8_tensors(data_root: Path) -> None:
@@ -64,12 +64,6 @@ def test_corrupt_file_is_a_clear_error(data_root: Path, damage: str) -> None:
         "magic": "magic number 0x00000999, expected 0x00000803 for an IDX image file; the file is corrupt",
     }[damage]
     assert f"{path}: {expected}" in str(err.value)
-
-
-def test_index_loader_yields_index_tensors() -> None:
-    batches = list(index_loader(10, 4))
-    assert [b.shape[0] for b in batches] == [4, 4, 2]
-    assert sorted(torch.cat(batches).tolist()) == list(range(10))
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="../shared/data not present")

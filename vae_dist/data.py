@@ -3,8 +3,8 @@
 torchvision's dataset classes only read (or download) the IDX files; their headers and sizes are
 checked here first, so a bad file is named with the check it failed, and a failed download removes what
 it wrote. After that every split is a single [N, 784] uint8 tensor, so a batch costs one index
-operation instead of N PIL conversions.
-The DataLoader handed to Accelerate yields example *indices*; Accelerate shards and shuffles them.
+operation instead of N PIL conversions. Which examples each process takes, in which order, is
+`vae_dist.step.BatchPlan`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
 from vae_dist.config import DataConfig
@@ -206,33 +205,6 @@ def load_data(cfg: DataConfig) -> tuple[Split, Split]:
             f"the {cfg.dataset} files in {raw_folder(cfg)} could not be read ({_first_line(err)}); a file is probably truncated or corrupt. Replace the four "
             f"files {', '.join(IDX_FILES)} with the originals (MNIST's MD5 sums are published with it)."
         ) from err
-
-
-class IndexDataset(Dataset):
-    """The integers 0..n-1. The DataLoader yields batches of example indices; pixels stay in one tensor."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-    def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        # DataLoader calls this once per batch: one tensor instead of n Python ints through collate.
-        return torch.tensor(indices, dtype=torch.long)
-
-
-def _as_is(batch: torch.Tensor) -> torch.Tensor:
-    return batch
-
-
-def index_loader(n: int, micro_batch_size: int) -> DataLoader:
-    """Shuffled batches of indices. Accelerate's prepare() shards them over processes and, with
-    use_seedable_sampler, reseeds the order from train.seed + epoch."""
-    return DataLoader(IndexDataset(n), batch_size=micro_batch_size, shuffle=True, collate_fn=_as_is)
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from vae_dist.model import VAE, ModelFileError, log_weights, loss_terms
 from vae_dist.processes import LaunchError, check_launch, set_cpu_threads
 
 TERMS = ("loss", "elbo", "recon", "kl")
-EVAL_STREAM = 2  # noise stream id; training uses 1 (see trainer.seed_for)
+EVAL_STREAM = 2  # noise stream id; training uses 1 and the data order 4 (vae_dist.step)
 IWAE_STREAM = 3  # noise stream of the importance-weighted estimate
 SAMPLES_PER_FORWARD = 50_000  # default examples x samples decoded at once: ~0.5 GB of fp32 activations
 EXIT_BAD_INPUT = 2

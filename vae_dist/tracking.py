@@ -67,7 +67,7 @@ class Tracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         pass
 
-    def log_images(self, images: dict[str, Path], step: int) -> None:
+    def log_images(self, images: dict[str, Path], step: int, drawn_at: int | None = None) -> None:
         pass
 
     def log_model(self, path: Path) -> None:
@@ -388,13 +388,16 @@ class WandbTracker(Tracker):
             self.tracker.log(dict(metrics), step=step)
 
     @_guarded
-    def log_images(self, images: dict[str, Path], step: int) -> None:
-        """PNG files as W&B images under images/<key>, e.g. the dict `figures.write_figures` returns."""
+    def log_images(self, images: dict[str, Path], step: int, drawn_at: int | None = None) -> None:
+        """PNG files as W&B images under images/<key>, e.g. the dict `figures.write_figures` returns,
+        logged at `step` and captioned with `drawn_at`, the step whose model they show (default: step;
+        a figure drawn in the background arrives a few steps later, and W&B steps only go forward)."""
         if step <= self.logged_through:
             return
         import wandb
 
-        panels = {f"images/{k}": wandb.Image(str(p), caption=f"{k}, step {step}") for k, p in images.items() if p}
+        shown = step if drawn_at is None else drawn_at
+        panels = {f"images/{k}": wandb.Image(str(p), caption=f"{k}, step {shown}") for k, p in images.items() if p}
         if panels:
             self.tracker.log(panels, step=step)
 

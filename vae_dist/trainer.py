@@ -385,7 +385,7 @@ class Trainer:
     def reached_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
 
-    def epoch_batches(self) -> torch.Tensor:
+    def epoch_order(self) -> torch.Tensor:
         """This rank's example indices [steps, accum, micro] for the rest of the current epoch."""
         return self.plan.epoch(self.epoch)[self.step_in_epoch :]
 
@@ -587,8 +587,9 @@ class Trainer:
         if self.figures is None:
             return
         done = self.figures.close() if finish else self.figures.collect()
-        for paths, _ in done:
-            self.tracker.log_images({k: v for k, v in paths.items() if k != "loss"}, step=self.step)
+        for paths, drawn_at in done:
+            images = {k: v for k, v in paths.items() if k != "loss"}
+            self.tracker.log_images(images, step=self.step, drawn_at=drawn_at)
         if finish:
             self.figures = None
 
