@@ -17,8 +17,8 @@ rank = trainer.accelerator.process_index
 result = {"processes": trainer.accelerator.num_processes, "accum": trainer.accum, "micro": trainer.micro}
 if mode == "order":  # the micro-batches of indices this rank gets in epochs 0 and 1, and epoch 0 resumed at step 2
     for epoch, skip in ((0, 0), (1, 0), (0, 2)):
-        trainer.epoch, trainer.step_in_epoch = epoch, skip
-        result[f"epoch{epoch}_skip{skip}"] = trainer.epoch_order().flatten(0, 1).tolist()  # micro-batches in order
+        order = trainer.plan.epoch(epoch)[skip:]  # [steps, accum, micro]: where a resume at step `skip` starts
+        result[f"epoch{epoch}_skip{skip}"] = order.flatten(0, 1).tolist()  # micro-batches in order
 elif mode == "eval":
     result["eval"] = trainer.evaluate()
 out.mkdir(parents=True, exist_ok=True)

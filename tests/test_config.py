@@ -214,3 +214,13 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     path.write_text("optim:\n  lr: 1\n betas: [1\n")
     with pytest.raises(ConfigError, match=r"is not readable YAML \(.* at line 3, column 2\)"):
         load_config(path)
+
+
+def test_learning_rate_schedule_is_a_function_of_the_step() -> None:
+    o = load_config(None, ["optim.warmup_steps=10", "optim.schedule=cosine", "optim.min_lr_ratio=0.1"]).optim
+    assert [o.lr_at(s, 110) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])  # linear warm-up
+    assert o.lr_at(10, 110) == pytest.approx(1e-3) and o.lr_at(60, 110) == pytest.approx(0.55e-3)
+    assert o.lr_at(110, 110) == pytest.approx(1e-4) and o.lr_at(500, 110) == pytest.approx(1e-4)  # min_lr_ratio
+    s = load_config(None, ["optim.schedule=step", "optim.step_every=100", "optim.step_gamma=0.5"]).optim
+    assert [s.lr_at(k, 1000) for k in (0, 99, 100, 250)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
+    assert load_config(None, []).optim.lr_at(12345, 100) == 1e-3  # constant

@@ -200,8 +200,8 @@ class CheckpointWriter:
     `submit` snapshots the tensors into host memory and returns the checkpoint's path at once; one
     worker thread writes, fsyncs, renames and prunes while the next steps train, so a save costs the
     loop a device-to-host copy (a few MB), not a disk write. The next `submit` first waits for the
-    previous write. A failed write raises its CheckpointError from the next `submit`, `check` or
-    `wait`; a process that exits normally or by an exception still finishes the write in progress
+    previous write. A failed write raises its CheckpointError from the next `submit` or `wait`, or
+    is returned by `failure`; a process that exits normally or by an exception still finishes the write in progress
     (the thread is joined at exit), and one killed outright leaves the previous checkpoint intact."""
 
     def __init__(self) -> None:
@@ -215,10 +215,14 @@ class CheckpointWriter:
         self._pending = self._pool.submit(write_checkpoint, run_dir, step, **snapshot)
         return checkpoints_dir(run_dir) / f"{PREFIX}{step:08d}"
 
-    def check(self) -> None:
-        """Raise the error of a write that has finished; never waits for one in progress."""
-        if self._pending is not None and self._pending.done():
-            self.wait()
+    def failure(self, wait: bool = True) -> BaseException | None:
+        """The error of the last submitted write, or None when it succeeded (or none is pending);
+        without `wait`, None while it is still running. Either way it is then no longer pending."""
+        pending = self._pending
+        if pending is None or not (wait or pending.done()):
+            return None
+        self._pending = None
+        return pending.exception()
 
     def wait(self) -> None:
         """Return once the last submitted checkpoint is on disk; raise its CheckpointError."""

@@ -122,6 +122,20 @@ class OptimConfig:
             out.append(f"optim.betas={self.betas}: must be two numbers in [0, 1), e.g. [0.9, 0.999].")
         return out
 
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """The learning rate of the optimizer step after `step` steps of `total_steps`: linear warm-up
+        from 0 to lr over warmup_steps, then the schedule."""
+        if step < self.warmup_steps:
+            factor = (step + 1) / self.warmup_steps
+        elif self.schedule == "cosine":
+            t = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
+            factor = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        elif self.schedule == "step":
+            factor = self.step_gamma ** ((step - self.warmup_steps) // self.step_every)
+        else:
+            factor = 1.0
+        return self.lr * factor
+
 
 @dataclass
 class TrainConfig:

@@ -11,8 +11,9 @@ The batch plan: epoch e's order is one permutation of the N training examples, d
 (train.seed, e), the same on every rank, device and process count. Global batch s is the slice
 [s*G, (s+1)*G) of it; micro-batch m of rank r takes positions [(m*P + r) * micro, ... + micro) of that
 global batch: one gather an epoch, no DataLoader, no host-to-device copy per step. Each epoch
-uses floor(N / G) global batches (MNIST's 60,000 at batch 100: all of them); the last N mod G of the
-permutation wait for a later epoch, so that every step has the same shape, which a graph needs.
+uses floor(N / G) global batches (MNIST's 60,000 at batch 100: all of them); the last N mod G of
+each permutation sit that epoch out (a different set each epoch), so that every step has the same
+shape, which a graph needs.
 
 The noise contract: the reparameterisation noise (and, with data.binarize=dynamic, the Bernoulli
 draws) of step s is drawn for the whole global batch from a generator seeded by (train.seed, s), and
@@ -307,11 +308,15 @@ class TrainStep:
 
     def capture(self, step: int, x: torch.Tensor) -> bool:
         """Capture the step, replay it as step `step` and check it against the eager step from the same
-        state. True: step `step` is done and later steps replay. False: nothing changed (warned)."""
+        state. True: step `step` is done and later steps replay. False: nothing changed (warned), and
+        the noise is seeded for step `step` again, so the eager step that follows draws what it should.
+
+        Every rank agrees twice: that all captured (before any replay, since a replay runs the captured
+        all-reduce, which a rank that gave up would never join), and that all replays verified."""
         state = self._state()
         before, used = [t.clone() for t in state], self.used
+        graph, expected = None, None
         why = self.blocker()
-        graph = None
         if why is None:
             try:
                 self.compute(x)  # the reference: one eager step (the noise is seeded already)
@@ -327,17 +332,19 @@ class TrainStep:
                 # writer's threads may call into CUDA meanwhile without invalidating the capture.
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.compute(self.static_x)
+            except Exception as err:  # anything capture raises: the run trains on eagerly
+                why = f"capture failed ({_first_line(err)})"
+        why = self._agree(why)
+        if why is None:
+            try:
                 self.noise.manual_seed(seed_for(self.seed, TRAIN_STREAM, step))
                 graph.replay()
                 diff = max(_relative(t, e) for t, e in zip(state, expected))
                 if not diff <= VERIFY_RTOL:
-                    why = (
-                        f"the first graphed step differed from the eager step by {diff:.1e} "
-                        f"(relative, > {VERIFY_RTOL:g})"
-                    )
-            except Exception as err:  # anything capture raises: the run trains on eagerly
-                why = f"capture failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})"
-        why = self._agree(why)
+                    why = f"the first graphed step differed from the eager step by {diff:.1e} (relative, > {VERIFY_RTOL:g})"
+            except Exception as err:
+                why = f"the first replay failed ({_first_line(err)})"
+            why = self._agree(why)
         self.used = used  # compute() counted the eager reference and the capture
         if why is None:
             self.graph = graph
@@ -345,6 +352,7 @@ class TrainStep:
             return True
         for t, b in zip(state, before):
             t.copy_(b)
+        self.noise.manual_seed(seed_for(self.seed, TRAIN_STREAM, step))  # the eager step draws step's noise
         self.fallback, self.graph, self.static_x = why, None, None
         if self.acc.is_main_process:
             warnings.warn(
@@ -364,6 +372,10 @@ class TrainStep:
         if failed.item() and why is None:
             return "another process could not capture its step"
         return why
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -64,10 +64,14 @@ def build_state(cfg: Config) -> PartialState:
             "use train.device=auto or cpu."
         )
     cpu = cfg.train.device == "cpu" or not cuda
-    if not cpu and cfg.train.cuda_graphs != "off" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    graphs = wants_graphs(
+        cfg.train.cuda_graphs, torch.device("cpu" if cpu else "cuda"), cfg.train.precision, cfg.train.compile
+    )
+    if graphs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Capturing NCCL collectives needs the watchdog's async error handling off, set before the
         # process group exists (PyTorch's CUDA Graphs notes: "Usage with DistributedDataParallel").
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+        # Overwritten, not defaulted: torchrun sets it to 1 in every worker it starts.
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
     state = PartialState(cpu=cpu)
     check_launch(state.num_processes)
     if state.device.type == "cpu":
@@ -84,23 +88,6 @@ def build_state(cfg: Config) -> PartialState:
         # the first parallel operation of `vae-train`.
         torch.set_flush_denormal(cfg.train.flush_denormal)
     return state
-
-
-def lr_lambda(cfg: Config, total_steps: int):
-    """Multiplier of optim.lr after `step` optimizer steps: linear warm-up, then the schedule."""
-    o = cfg.optim
-
-    def f(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "cosine":
-            t = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
-            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        if o.schedule == "step":
-            return o.step_gamma ** ((step - o.warmup_steps) // o.step_every)
-        return 1.0
-
-    return f
 
 
 def lock_run_dir(run_dir: Path) -> RunLock:
@@ -219,7 +206,6 @@ class Trainer:
         self.steps_per_epoch = self.plan.steps_per_epoch
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps or total)
-        self.lr_factor = lr_lambda(cfg, self.total_steps)
         # What one optimizer step computes, eager or as one CUDA graph.
         self.step_fn = TrainStep(cfg, acc, self.model, self.optimizer, self.train_images, self.plan, graphs)
 
@@ -324,7 +310,7 @@ class Trainer:
         path = self.export_model()
         if self.cfg.tracking.log_model:
             self.tracker.log_model(path)
-        self.writer.wait()
+        self.saves_ok(wait=True)
         self.log_figures(finish=True)  # the last draw ran meanwhile
         return self.summary(test, elapsed, start_step, loop_end)
 
@@ -348,7 +334,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor) -> None:
         """One optimizer step on this rank's pixels [accum, micro, 784] (see vae_dist.step)."""
-        self.step_fn.set_lr(self.cfg.optim.lr * self.lr_factor(self.step))
+        self.step_fn.set_lr(self.cfg.optim.lr_at(self.step, self.total_steps))
         self.step_fn.run(self.step, x)
 
     def after_optimizer_step(self) -> None:
@@ -360,7 +346,7 @@ class Trainer:
         if self.step % cfg.tracking.log_every_steps == 0:
             self.check_health()
             self.log_train()
-            self.writer.check()  # a background save that failed stops the run now, not at the next save
+            self.saves_ok(wait=False)  # a background save that failed stops the run now, not at the next save
             self.log_figures()  # figures a worker finished meanwhile
         if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
             self.save_checkpoint()
@@ -384,10 +370,6 @@ class Trainer:
 
     def reached_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
-
-    def epoch_order(self) -> torch.Tensor:
-        """This rank's example indices [steps, accum, micro] for the rest of the current epoch."""
-        return self.plan.epoch(self.epoch)[self.step_in_epoch :]
 
     def evaluate(self) -> dict[str, float]:
         """Test-split terms per example, exact on any process count (see vae_dist.evaluate)."""
@@ -438,13 +420,26 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """True on every rank as soon as any rank got a stop signal (one tiny all-reduce per step)."""
+        return self.any_rank(self.signals.received is not None)
+
+    def any_rank(self, flag: bool) -> bool:
+        """`flag` of any rank, on every rank (on NCCL through a gloo group: no GPU stream sync)."""
         if self.accelerator.num_processes == 1:
-            return self.signals.received is not None
-        flag = torch.tensor([0 if self.signals.received is None else 1], dtype=torch.int32)
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
         if self.flag_group is None:
-            flag = flag.to(self.accelerator.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.flag_group)
-        return bool(flag.item())
+            t = t.to(self.accelerator.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.flag_group)
+        return bool(t.item())
+
+    def saves_ok(self, wait: bool) -> None:
+        """Raise on every rank when the main process's background save failed (`wait`: also for the
+        save in flight), so that no rank goes on into a collective the main process never joins."""
+        error = self.writer.failure(wait) if self.is_main else None
+        if self.any_rank(error is not None):
+            raise error or CheckpointError(
+                "the main process could not write a checkpoint (its message names the file); this process stops too."
+            )
 
     def preempt(self) -> dict[str, float]:
         """Stop after a signal: save when a step ran since the last checkpoint, say so, end the run."""
@@ -458,7 +453,7 @@ class Trainer:
             what = f"no step ran since the checkpoint {path}"
         else:
             path, what = None, "no optimizer step had run, so there was nothing to save"
-        self.writer.wait()  # on disk before the process says so and exits
+        self.saves_ok(wait=True)  # on disk before the process says so and exits
         self.log_figures(finish=True)  # no half-written PNG left behind
         self.accelerator.wait_for_everyone()
         self.console.print(f"stopped by {name} at step {self.step}: {what}; resume with train.resume=auto")
@@ -481,7 +476,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             **dict(zip(TERMS, values)),
-            "lr": self.cfg.optim.lr * self.lr_factor(self.step - 1),  # that of the last step
+            "lr": self.cfg.optim.lr_at(self.step - 1, self.total_steps),  # that of the last step
             "grad_norm": float(self.step_fn.grad_norm()),
             "fp16_skipped_steps": self.fp16_skipped,
             "examples_per_s": steps * self.cfg.train.batch_size / max(time.perf_counter() - t_start, 1e-9),
@@ -597,6 +592,7 @@ class Trainer:
         """All ranks: agree on health, gather RNG states; the main process snapshots the state and
         writes it atomically in the background (CheckpointWriter), while training goes on."""
         acc = self.accelerator
+        self.saves_ok(wait=True)  # the previous save is on disk (or its failure stops every rank)
         self.check_health()
         rng = {"rng_cpu": torch.get_rng_state()}
         if acc.device.type == "cuda":
@@ -661,6 +657,13 @@ class Trainer:
         model.load_state_dict(ckpt.model)
         self.step_fn.load_optimizer(ckpt.optimizer)
         s = ckpt.state
+        if s.get("format", 1) < 2 and s["step_in_epoch"] > 0:
+            warnings.warn(
+                f"{path} was written by vae_dist before the batch plan of vae_dist.step (checkpoint format "
+                f"{s.get('format', 1)}): the rest of epoch {s['epoch'] + 1} follows the new data order, so "
+                "this resume is not bit-exact with the run that wrote it (every later epoch is complete).",
+                stacklevel=2,
+            )
         if acc.scaler is not None and s["scaler"]:
             acc.scaler.load_state_dict(s["scaler"])
         # Global RNG states are restored for same-topology resumes; no training draw uses them (all
