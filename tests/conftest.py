@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
+from vae_dist.data import write_idx  # noqa: F401  (the tests import it from here)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def write_idx(folder: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Write <prefix>-images-idx3-ubyte and <prefix>-labels-idx1-ubyte in the published IDX format."""
-    folder.mkdir(parents=True, exist_ok=True)
-    n = images.shape[0]
-    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
-        struct.pack(">IIII", 0x803, n, 28, 28) + images.to(torch.uint8).numpy().tobytes()
-    )
-    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(
-        struct.pack(">II", 0x801, n) + labels.to(torch.uint8).numpy().tobytes()
-    )
 
 
 def fake_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,3 +145,33 @@ def load_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(run_dir / "model.safetensors"))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """mount(folder, bytes): a tmpfs of that size at `folder` (root only; skips where mounting is not
+    permitted), unmounted after the test."""
+    import os
+    import shutil
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: int) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a real full disk needs root to mount a small tmpfs; the simulated ENOSPC test covers it")
+        folder.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"mount -t tmpfs is not permitted here ({proc.stderr.strip()})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import vae_dist.checkpoint as ckpt_mod
-from conftest import launch, launch_cmd, load_weights, train_in_process
+from conftest import cpu_env, launch, launch_cmd, load_weights, train_in_process
 from vae_dist.checkpoint import CheckpointError, latest_valid, verify
 from vae_dist.config import ConfigError, load_config
 from vae_dist.model import VAE
@@ -193,35 +193,6 @@ def test_pickle_named_safetensors_is_refused_on_resume(ckpt_overrides: list[str]
     assert verify(newest) is None
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """mount(folder, bytes): a tmpfs of that size at `folder` (root only; skips where mounting is not
-    permitted), unmounted after the test."""
-    import os
-    import shutil
-
-    mounted: list[Path] = []
-
-    def mount(folder: Path, size: int) -> Path:
-        if os.geteuid() != 0 or shutil.which("mount") is None:
-            pytest.skip("a real full disk needs root to mount a small tmpfs; the simulated ENOSPC test covers it")
-        folder.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"mount -t tmpfs is not permitted here ({proc.stderr.strip()})")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 def test_real_full_disk_during_save(ckpt_overrides: list[str], tmp_path: Path, small_disk) -> None:
     """checkpoints/ on a tmpfs that holds one checkpoint and a half: the first save fits, the second
     runs out of space (safetensors raises SafetensorError, not OSError)."""
@@ -236,6 +207,29 @@ def test_real_full_disk_during_save(ckpt_overrides: list[str], tmp_path: Path, s
     assert f"the previous checkpoint {checkpoints / 'step-00000008'} is intact" in message
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000008"]  # no .tmp-* left
     assert verify(checkpoints / "step-00000008") is None
+
+
+def test_a_full_disk_stops_vae_train_with_exit_1_and_one_sentence(
+    ckpt_overrides: list[str], tmp_path: Path, small_disk
+) -> None:
+    """The same full disk, as a user meets it: the command, its exit code and its one line."""
+    params = sum(p.numel() for p in VAE(784, [64, 32], 2).parameters())
+    run = small_disk(tmp_path / "run", 12 * params * 3 // 2)  # the whole run.dir on the small disk
+    proc = subprocess.run(
+        [sys.executable, "-m", "vae_dist.train", *ckpt_overrides],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cpu_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vae-train: error: could not write"), proc.stderr[-2000:]
+    assert "No space left on device" in lines[0] and "step-00000008" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert verify(run / "checkpoints" / "step-00000008") is None
 
 
 def test_safetensors_error_during_save_is_a_sentence(

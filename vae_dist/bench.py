@@ -9,10 +9,10 @@ Four variants train the same 784-512-256-2 VAE with Adam (issues 8 and 12):
 
   original  the reference script's loop: torchvision MNIST with per-example PIL + ToTensor, a DataLoader,
             sigmoid + BCE loss, `.item()` every step (a re-implementation of reference_vae.py's train()).
-  minimal   reference/minimal_loop.py: the whole split as one float tensor on the device, batches by
+  minimal   ../shared/reference/minimal_loop.py: the whole split as one float tensor on the device, batches by
             indexing a permutation, `.item()` every step (logits loss by default, the toolkit's
             arithmetic). On a GPU its per-step sync makes it no floor.
-  floor     the floor of one step (reference/graph_floor.py): fused Adam, each batch a slice of the
+  floor     the floor of one step (../shared/reference/graph_floor.py): fused Adam, each batch a slice of the
             epoch's permuted copy, the loss summed on the device, no per-step sync; on CUDA the whole
             step (forward, backward, fused capturable Adam) replayed as one CUDA graph.
   toolkit   a real `vae_dist.trainer.Trainer`, driven as `Trainer.fit` drives it: `optimizer_steps()`
@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -78,8 +79,8 @@ WHAT = {
 # "peak over imports" counts the variant's data, model and loop, not its libraries.
 IMPORTS = {
     "original": ("torchvision.datasets", "torchvision.transforms", "torch.utils.data"),
-    "minimal": ("torchvision.datasets",),
-    "floor": ("torchvision.datasets",),
+    "minimal": ("vae_dist.data",),
+    "floor": ("vae_dist.data",),
     "toolkit": ("vae_dist.trainer",),
 }
 RANDOM_SHAPE = (60_000, 10_000)  # train, test examples of random data: MNIST's sizes
@@ -241,11 +242,12 @@ def load_or_random(data_cfg, real: bool):
 def torchvision_split(ctx: Context, train: bool, transform):
     """The dataset object the original script iterates: torchvision's own class reading data.root, or,
     for random data, the same class holding the random tensor (its __getitem__, PIL + transform, unchanged)."""
+    import torchvision.datasets
     from torchvision.datasets import MNIST
 
     from vae_dist.data import DATASETS
 
-    cls = DATASETS[ctx.cfg.data.dataset]
+    cls = getattr(torchvision.datasets, DATASETS[ctx.cfg.data.dataset])
     if ctx.real:
         return cls(root=ctx.cfg.data.root, train=train, transform=transform, download=False)
     split = ctx.splits()[0 if train else 1]
@@ -257,7 +259,7 @@ def torchvision_split(ctx: Context, train: bool, transform):
 
 # ---------------------------------------------------------------- the reference model and loss
 def reference_vae(hidden: list[int], z_dim: int):
-    """The original script's VAE (fc1..fc6, sigmoid output), as in reference/reference_vae.py."""
+    """The original script's VAE (fc1..fc6, sigmoid output), as in ../shared/reference/reference_vae.py."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -326,8 +328,8 @@ class Precision:
 
         if self.dtype is None:
             return contextlib.nullcontext()
-        # No weight cache: the floor captures this in a CUDA graph, where a cached cast would be stale
-        # (PyTorch's CUDA Graphs notes); each weight is cast once a forward in these models anyway.
+        # No weight cache, as PyTorch's CUDA Graphs notes advise for captured autocast regions (the
+        # floor captures this); each weight is cast once a forward in these models anyway.
         return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False)
 
     def backward(self, loss) -> None:
@@ -725,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(probe(ctx, args.probe)))
                 return 0
             names = [v for v in VARIANTS if v in {x.strip() for x in args.variants.split(",")}]
+            if "original" in names and importlib.util.find_spec("torchvision") is None:
+                # A GPU machine's own Python may lack it; the other variants do not need it.
+                names.remove("original")
+                print("vae-bench: original: not run, torchvision is not installed", file=sys.stderr, flush=True)
             print(f"vae-bench: {device.type}, data: {ctx.data_label()}", file=sys.stderr, flush=True)
             variants = time_variants(ctx, names)
         except (ConfigError, DataError) as err:

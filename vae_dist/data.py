@@ -1,10 +1,12 @@
 """MNIST-family data held as one uint8 tensor per split; batches are built by indexing it.
 
-torchvision's dataset classes only read (or download) the IDX files; their headers and sizes are
-checked here first, so a bad file is named with the check it failed, and a failed download removes what
-it wrote. After that every split is a single [N, 784] uint8 tensor, so a batch costs one index
-operation instead of N PIL conversions. Which examples each process takes, in which order, is
-`vae_dist.step.BatchPlan`.
+The four IDX files under <data.root>/<Dataset>/raw (torchvision's layout) are checked from their
+headers and sizes, so a bad file is named with the check it failed, then read here: an IDX file is
+that header and the raw bytes, one `torch.frombuffer` once checked. torchvision is imported only to
+download missing files (a failed download removes what it wrote): importing it costs ~1.5 s of a
+run's start-up on a 2-core CPU. Every split is a single [N, 784] uint8 tensor, so a batch costs one
+index operation instead of N PIL conversions. Which examples each process takes, in which order,
+is `vae_dist.step.BatchPlan`.
 """
 
 from __future__ import annotations
@@ -15,15 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision import datasets
 
 from vae_dist.config import DataConfig
 
-DATASETS = {
-    "mnist": datasets.MNIST,
-    "fashion_mnist": datasets.FashionMNIST,
-    "kmnist": datasets.KMNIST,
-}
+# data.dataset -> the torchvision dataset class that downloads it, whose name is also its folder
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
 IDX_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -56,7 +54,7 @@ class Split:
 
 def raw_folder(cfg: DataConfig) -> Path:
     """Where torchvision looks for the four IDX files of `cfg.dataset`."""
-    return Path(cfg.root) / DATASETS[cfg.dataset].__name__ / "raw"
+    return Path(cfg.root) / DATASETS[cfg.dataset] / "raw"
 
 
 def _first_line(err: BaseException) -> str:
@@ -104,7 +102,7 @@ def _idx_count(path: Path, magic: int, problems: list[str]) -> int | None:
 
 
 def check_idx(raw: Path, train: bool) -> None:
-    """Check one split's two IDX files from their headers and sizes before torchvision reads them; raises a
+    """Check one split's two IDX files from their headers and sizes before they are read; raises a
     DataError naming every bad file and the check it failed. Reads 24 bytes, never the pixels."""
     split, prefix = ("train", "train") if train else ("test", "t10k")
     images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
@@ -143,19 +141,40 @@ def _remove_created(raw: Path, new_folders: list[Path], old_entries: set[Path]) 
             break
 
 
-def _open(cfg: DataConfig, train: bool) -> datasets.MNIST:
-    cls = DATASETS[cfg.dataset]
+def write_idx(folder: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write <prefix>-images-idx3-ubyte and <prefix>-labels-idx1-ubyte in the published IDX format: what
+    the tests and `make gpu-check` train on where no MNIST is at hand (images [N, 784] or [N, 28, 28])."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = images.shape[0]
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+        struct.pack(">IIII", IMAGE_MAGIC, n, 28, 28) + images.to(torch.uint8).numpy().tobytes()
+    )
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(
+        struct.pack(">II", LABEL_MAGIC, n) + labels.to(torch.uint8).numpy().tobytes()
+    )
+
+
+def _read_idx(path: Path, header: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The bytes after an IDX file's header as a uint8 tensor of `shape` (the file passed check_idx)."""
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)[header:].view(shape)
+
+
+def _ensure_files(cfg: DataConfig) -> None:
+    """The four IDX files in raw_folder(cfg), downloaded with torchvision when missing and allowed."""
     raw = raw_folder(cfg)
     if all((raw / name).is_file() for name in IDX_FILES):
-        check_idx(raw, train)
-        return cls(root=cfg.root, train=train, download=False)
+        return
     if cfg.download:
+        from torchvision import datasets
+
         # torchvision creates <root>/<Dataset>/raw and writes .gz files there as it goes; a failed attempt
         # must leave the disk as it found it, so note what is there now.
         new_folders = [p for p in (raw, *raw.parents) if not p.exists()]  # deepest first
         old_entries = set(raw.rglob("*")) if raw.is_dir() else set()
         try:
-            return cls(root=cfg.root, train=train, download=True)
+            for train in (True, False):
+                getattr(datasets, DATASETS[cfg.dataset])(root=cfg.root, train=train, download=True)
+            return
         except BaseException as err:  # Ctrl-C mid-download leaves partial files too
             _remove_created(raw, new_folders, old_entries)
             if not isinstance(err, Exception):
@@ -164,24 +183,24 @@ def _open(cfg: DataConfig, train: bool) -> datasets.MNIST:
     else:
         reason = "data.download=false"
     raise DataError(
-        f"{cfg.dataset} is not in {raw_folder(cfg)} and {reason}. Put the four files "
-        f"{', '.join(IDX_FILES)} (uncompressed) in that folder, or point data.root at the folder that "
-        f"holds {cls.__name__}/raw/."
+        f"{cfg.dataset} is not in {raw} and {reason}. Put the four files {', '.join(IDX_FILES)} "
+        f"(uncompressed) in that folder, or point data.root at the folder that holds {DATASETS[cfg.dataset]}/raw/."
     )
 
 
 def load_split(cfg: DataConfig, train: bool) -> Split:
     """Read one split as uint8 [N, 784]; binarized once here for `static` (and the test split of `dynamic`)."""
-    ds = _open(cfg, train)
-    images = ds.data
-    labels = ds.targets
-    if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or len(images) != len(labels) or len(images) == 0:
+    _ensure_files(cfg)
+    raw = raw_folder(cfg)
+    check_idx(raw, train)
+    prefix = "train" if train else "t10k"
+    labels = _read_idx(raw / f"{prefix}-labels-idx1-ubyte", 8, (-1,))
+    images = _read_idx(raw / f"{prefix}-images-idx3-ubyte", 16, (len(labels), PIXELS))
+    if len(labels) == 0:
         raise DataError(
-            f"{raw_folder(cfg)} holds {tuple(images.shape)} images and {len(labels)} labels for the "
-            f"{'train' if train else 'test'} split; expected N x 28 x 28 images with N labels. "
-            "Replace the files with the original IDX files."
+            f"{raw} holds no {'train' if train else 'test'} examples (the IDX files say 0); replace the files "
+            "with the original IDX files."
         )
-    images = images.reshape(-1, PIXELS).contiguous()
     if cfg.binarize == "static" or (cfg.binarize == "dynamic" and not train):
         images = binarize(images, torch.Generator().manual_seed(BINARIZE_SEED + int(train)))
     return Split(images=images, labels=labels.long())
@@ -194,16 +213,14 @@ def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def load_data(cfg: DataConfig) -> tuple[Split, Split]:
-    """(train, test) splits. A truncated or corrupt IDX file becomes a DataError naming the file (or, for what
-    the header checks cannot see, the folder)."""
+    """(train, test) splits. A truncated or corrupt IDX file becomes a DataError naming the file and the
+    check that failed; a file that cannot be read at all (permissions, a folder by that name), the file."""
     try:
         return load_split(cfg, train=True), load_split(cfg, train=False)
-    except DataError:
-        raise
-    except Exception as err:  # torchvision's IDX reader fails deep inside with a bare shape or magic error
+    except OSError as err:
         raise DataError(
-            f"the {cfg.dataset} files in {raw_folder(cfg)} could not be read ({_first_line(err)}); a file is probably truncated or corrupt. Replace the four "
-            f"files {', '.join(IDX_FILES)} with the originals (MNIST's MD5 sums are published with it)."
+            f"{err.filename or raw_folder(cfg)} could not be read ({err.strerror or err}); make it a readable "
+            f"file, or replace the four files {', '.join(IDX_FILES)} with the originals."
         ) from err
 
 
