@@ -133,6 +133,15 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
+def run_train(overrides: list[str], cwd: Path | None = None, timeout: float = 300):
+    """`python -m vae_dist.train OVERRIDES` on the CPU, to completion, its output captured."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "vae_dist.train", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=cpu_env(), timeout=timeout)
+
+
 def launch(nproc: int, args: list[str], cwd: Path, timeout: float = 300, **kwargs):
     """Run launch_cmd(nproc, args) to completion on the CPU, capturing its output."""
     import subprocess

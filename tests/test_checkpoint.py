@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import vae_dist.checkpoint as ckpt_mod
-from conftest import cpu_env, launch, launch_cmd, load_weights, train_in_process
+from conftest import launch, launch_cmd, load_weights, run_train, train_in_process
 from vae_dist.checkpoint import CheckpointError, latest_valid, verify
 from vae_dist.config import ConfigError, load_config
 from vae_dist.model import VAE
@@ -215,14 +215,7 @@ def test_a_full_disk_stops_vae_train_with_exit_1_and_one_sentence(
     """The same full disk, as a user meets it: the command, its exit code and its one line."""
     params = sum(p.numel() for p in VAE(784, [64, 32], 2).parameters())
     run = small_disk(tmp_path / "run", 12 * params * 3 // 2)  # the whole run.dir on the small disk
-    proc = subprocess.run(
-        [sys.executable, "-m", "vae_dist.train", *ckpt_overrides],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=cpu_env(),
-        timeout=300,
-    )
+    proc = run_train(ckpt_overrides, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vae-train: error: could not write"), proc.stderr[-2000:]

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, cpu_env, train_in_process
+from conftest import REPO, cpu_env, run_train, train_in_process
 from vae_dist.checkpoint import latest_valid, verify
 from vae_dist.config import load_config
 from vae_dist.trainer import Trainer
@@ -151,9 +151,7 @@ def test_a_second_run_into_the_same_run_dir_is_refused(tiny_overrides: list[str]
     try:
         wait_for(run / "metrics.jsonl", first)
         config = (run / "config.yaml").read_bytes()
-        second = subprocess.run(
-            train_cmd([*tiny_overrides, "train.epochs=1"]), capture_output=True, text=True, env=cpu_env(), timeout=120
-        )
+        second = run_train([*tiny_overrides, "train.epochs=1"], timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and f"run.dir={run} is in use by pid {first.pid} on host" in lines[0]
@@ -182,9 +180,7 @@ def test_a_killed_run_leaves_no_lock_that_blocks_its_resume(tiny_overrides: list
     first.kill()  # kill -9: no handler runs, the kernel drops the lock
     first.communicate()
     (run / "checkpoints" / ".tmp-step-00009999-1").mkdir()  # what a save killed mid-write leaves
-    resumed = subprocess.run(
-        train_cmd([*tiny_overrides, "train.epochs=3"]), capture_output=True, text=True, env=cpu_env(), timeout=300
-    )
+    resumed = run_train([*tiny_overrides, "train.epochs=3"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     assert not list((run / "checkpoints").glob(".tmp-*"))  # cleared at the start

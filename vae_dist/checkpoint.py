@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vae_dist.files import pickle_kind, pickle_refusal
+from vae_dist.model import state_problems
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -353,13 +354,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def check_model_shapes(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: Path) -> None:
     """Raise naming every mismatched tensor, so a checkpoint of another architecture is a clear error."""
-    problems = [f"{k}: missing" for k in expected if k not in found]
-    problems += [f"{k}: unexpected" for k in found if k not in expected]
-    problems += [
-        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in found and found[k].shape != v.shape
-    ]
+    problems = state_problems(expected, found, found_in="checkpoint")
     if problems:
         raise CheckpointError(
             f"{source} holds another architecture than this config builds ({'; '.join(problems)}). "

@@ -221,15 +221,18 @@ def _kwargs_text(config: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in config.items())
 
 
-def state_problems(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+def state_problems(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], strict: bool = True, found_in: str = "file"
+) -> list[str]:
     """Every tensor of `found` that does not fit `expected`: missing and unexpected keys (strict only)
-    and wrong shapes, each as "<key>: ..."; [] when the state dict loads."""
+    and wrong shapes, each as "<key>: ..." (`found_in` names where `found` came from); [] when the
+    state dict loads."""
     problems = []
     if strict:
         problems += [f"{k}: missing" for k in expected if k not in found]
         problems += [f"{k}: unexpected" for k in found if k not in expected]
     problems += [
-        f"{k}: file {tuple(found[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: {found_in} {tuple(found[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in found and found[k].shape != v.shape
     ]

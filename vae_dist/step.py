@@ -109,17 +109,22 @@ def wants_graphs(mode: str, device: torch.device, precision: str, compile: bool)
     return mode != "off" and device.type == "cuda" and precision != "fp16" and not compile
 
 
-def prepare(accelerator, model, optimizer, graphs: bool):
-    """`accelerator.prepare(model, optimizer)`; under DDP with graphs, DDP is built on a side stream,
-    as PyTorch's recipe for capturing DDP asks."""
-    if not (graphs and accelerator.num_processes > 1):
-        return accelerator.prepare(model, optimizer)
+@contextlib.contextmanager
+def side_stream():
+    """Run the block on a fresh CUDA stream that waits for the current one, and make the current one
+    wait for it after: where PyTorch's capture recipe wants warm-up steps and DDP's construction."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        prepared = accelerator.prepare(model, optimizer)
+        yield
     torch.cuda.current_stream().wait_stream(side)
-    return prepared
+
+
+def prepare(accelerator, model, optimizer, graphs: bool):
+    """`accelerator.prepare(model, optimizer)`; under DDP with graphs, DDP is built on a side stream,
+    as PyTorch's recipe for capturing DDP asks."""
+    with side_stream() if graphs and accelerator.num_processes > 1 else contextlib.nullcontext():
+        return accelerator.prepare(model, optimizer)
 
 
 class TrainStep:
@@ -215,7 +220,7 @@ class TrainStep:
             return
         if self.graphs and self.fallback is None and self.eager_steps >= self.warmup and self.capture(step, x):
             return
-        with self._side_stream() if self.graphs and self.fallback is None else contextlib.nullcontext():
+        with side_stream() if self.graphs and self.fallback is None else contextlib.nullcontext():
             self.compute(x)
         self.eager_steps += 1
 
@@ -274,15 +279,6 @@ class TrainStep:
         self.lr = math.nan  # the trainer sets it again before the next step
 
     # ---------------------------------------------------------------- capture
-    @contextlib.contextmanager
-    def _side_stream(self):
-        """Warm-up steps run on a side stream, as PyTorch's capture recipe asks."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream().wait_stream(side)
-
     def blocker(self) -> str | None:
         """Why this torch, launch or process group cannot capture the step; None when it can."""
         if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):  # pytorch/pytorch#114068

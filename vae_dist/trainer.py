@@ -129,8 +129,8 @@ class Trainer:
             gradient_accumulation_steps=self.accum,
             log_with=log_with(cfg.tracking),
             # No AutocastKwargs: with one, every `accelerator.autocast()` rebuilds its kwargs inside
-            # accelerate's clear_environment(), which empties and restores os.environ (~0.5 ms a step
-            # on a CPU, and racy with other threads). Autocast's weight cache is harmless here: each
+            # accelerate's clear_environment(), which empties and restores os.environ (about 0.3 ms a
+            # step on the 2-core CPU, and racy with other threads). Autocast's weight cache is harmless here: each
             # autocast region opens and closes inside the captured step (vae_dist.step).
         )
         acc = self.accelerator
@@ -218,7 +218,7 @@ class Trainer:
         self.tracker_run_id: str | None = None
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
         self.tracker = Tracker()
-        self.figures: FigureDrawer | None = None  # created by the first draw (main process)
+        self.figures: FigureDrawer | None = None  # main process: created when training starts (train())
         # On NCCL the stop flag is agreed over a gloo group, so the check never syncs the GPU stream.
         self.flag_group = dist.new_group(backend="gloo") if P > 1 and dist.get_backend() != "gloo" else None
         # The logging window: steps window_start[1] + 1 .. step, whose loss sums are rows of step_fn.rows.
