@@ -4,6 +4,7 @@ writes, per rank, what it sees to <out>/rank<r>.json.
     accelerate launch --multi_gpu --num_processes 2 tests/dist_probe.py OUT order|eval [overrides]
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -25,3 +26,5 @@ out.mkdir(parents=True, exist_ok=True)
 (out / f"rank{rank}.json").write_text(json.dumps(result))
 trainer.accelerator.wait_for_everyone()
 trainer.accelerator.end_training()  # tear the gloo group down before exit
+del trainer  # and free it now: at interpreter shutdown gloo's threads can abort the process (see train.py)
+gc.collect()
