@@ -30,17 +30,10 @@ from vae_dist.data import DataError, load_data, to_unit
 from vae_dist.files import pickle_kind, pickle_refusal
 from vae_dist.model import VAE, ModelFileError, log_weights, loss_terms
 from vae_dist.processes import LaunchError, check_launch, set_cpu_threads
+from vae_dist.streams import EVAL_STREAM, IWAE_STREAM, TERMS, seed_for
 
-TERMS = ("loss", "elbo", "recon", "kl")
-EVAL_STREAM = 2  # noise stream id; training uses 1 and the data order 4 (vae_dist.step)
-IWAE_STREAM = 3  # noise stream of the importance-weighted estimate
 SAMPLES_PER_FORWARD = 50_000  # default examples x samples decoded at once: ~0.5 GB of fp32 activations
 EXIT_BAD_INPUT = 2
-
-
-def seed_for(seed: int, stream: int, index: int) -> int:
-    """A distinct 63-bit seed per (run seed, stream, step or chunk): streams never share noise."""
-    return ((seed * 1_000_003 + stream) * 1_000_000_007 + index) % (2**63)
 
 
 @torch.no_grad()

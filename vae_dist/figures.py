@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from vae_dist.streams import FIGURE_EXAMPLES, FIGURE_NOISE
+
 SIDE = 28  # MNIST-family images are 28 x 28
 PER_CLASS = 2  # fixed test examples per digit in the reconstruction grid
 N_PRIOR = 64  # prior samples in prior.png: an 8 x 8 grid
@@ -30,7 +32,6 @@ MANIFOLD_N = 20  # manifold.png is MANIFOLD_N x MANIFOLD_N decoder outputs
 MANIFOLD_P = (0.05, 0.95)  # z grid spans these N(0, 1) quantiles (about +-1.64), Kingma & Welling 2014, fig. 4
 PAD = 2  # pixels between tiles
 PAD_VALUE = 0.5  # grey lines between tiles, so black digit backgrounds stay apart
-EXAMPLE_STREAM, NOISE_STREAM = 101, 102  # seed offsets: the examples and the noise never share draws
 SCATTER_MAX = 5_000  # test means drawn in latent.png: the first 5000 test examples (half the CPU cost of all 10,000)
 
 
@@ -44,7 +45,7 @@ def fixed_examples(labels: torch.Tensor, seed: int, per_class: int = PER_CLASS) 
 
     Labels with fewer examples contribute what they have. Without labels (None or empty) this
     falls back to 10 x per_class seeded indices."""
-    g = torch.Generator().manual_seed(seed + EXAMPLE_STREAM)
+    g = torch.Generator().manual_seed(seed + FIGURE_EXAMPLES)
     labels = labels.cpu()
     order = torch.randperm(len(labels), generator=g)
     picked = []
@@ -55,7 +56,7 @@ def fixed_examples(labels: torch.Tensor, seed: int, per_class: int = PER_CLASS) 
 
 def fixed_noise(z_dim: int, seed: int, n: int = N_PRIOR) -> torch.Tensor:
     """n draws of z ~ N(0, I) from `seed` alone: the prior samples of every image epoch."""
-    g = torch.Generator().manual_seed(seed + NOISE_STREAM)
+    g = torch.Generator().manual_seed(seed + FIGURE_NOISE)
     return torch.randn(n, z_dim, generator=g)
 
 

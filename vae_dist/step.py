@@ -60,11 +60,9 @@ import torch.distributed as dist
 from accelerate.utils import get_mixed_precision_context_manager
 
 from vae_dist.data import to_unit
-from vae_dist.evaluate import TERMS, seed_for
 from vae_dist.model import loss_terms
+from vae_dist.streams import ORDER_STREAM, TERMS, TRAIN_STREAM, seed_for
 
-TRAIN_STREAM = 1  # noise stream of training steps (seed_for); evaluation uses 2 and 3
-ORDER_STREAM = 4  # stream of each epoch's data order
 WARMUP_STEPS = 3  # eager steps before capture (PyTorch's whole-network example uses 3)
 WARMUP_STEPS_DDP = 11  # under DDP: "at least 11 DDP-enabled eager iterations" (PyTorch CUDA Graphs notes)
 VERIFY_RTOL = 1e-5  # graph vs eager after the first graphed step: largest |a - b| / |b| (tensor norms)

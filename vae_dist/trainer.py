@@ -39,13 +39,14 @@ from vae_dist.checkpoint import (
 from vae_dist.config import Config, ConfigError
 from vae_dist.console import Console
 from vae_dist.data import Split, load_data
-from vae_dist.evaluate import TERMS, evaluate_elbo
+from vae_dist.evaluate import evaluate_elbo
 from vae_dist.figures import FigureDrawer
 from vae_dist.model import VAE
 from vae_dist.processes import LaunchError, check_launch, set_cpu_threads
 from vae_dist.runlock import RunLock, RunLocked
 from vae_dist.signals import StopSignals, signal_name
 from vae_dist.step import BatchPlan, TrainStep, prepare, wants_graphs
+from vae_dist.streams import TERMS
 from vae_dist.tracking import MetricsFile, Tracker, log_with, start_tracker
 
 
