@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +195,96 @@ def test_from_pretrained_problems_are_one_error_type(tmp_path: Path) -> None:
     # Without config.json the model config comes from the file's metadata.
     (tmp_path / "config.json").unlink()
     assert VAE.from_pretrained(tmp_path).z_dim == 5
+
+
+# A stand-in for the Hugging Face Hub on loopback: `owner/vae` holds a model, any other id is answered
+# as the Hub answers an unknown repository. Run in a fresh interpreter because huggingface_hub reads
+# HF_ENDPOINT and HF_HUB_OFFLINE when it is imported; HF_HOME keeps its cache inside tmp_path.
+HUB_SCRIPT = r"""
+import hashlib, http.server, json, os, sys, threading, time
+from pathlib import Path
+
+files = {"owner/vae": {n: Path(sys.argv[1], n).read_bytes() for n in ("config.json", "model.safetensors")}}
+asked = []
+
+class Hub(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def answer(self, body):
+        asked.append(self.path)
+        repo, _, rest = self.path.lstrip("/").partition("/resolve/")
+        data = files.get(repo, {}).get(rest.partition("/")[2])
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "0" * 40)
+        self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
+
+from huggingface_hub import constants
+from vae_dist.model import VAE, ModelFileError
+
+def attempt(name):
+    t0 = time.perf_counter()
+    try:
+        return VAE.from_pretrained(name).z_dim, time.perf_counter() - t0
+    except ModelFileError as err:
+        return str(err), time.perf_counter() - t0
+
+out = {"typo": attempt("runs/typo"), "hub": attempt("owner/vae"), "asked": list(asked)}
+server.shutdown()
+server.server_close()
+out["no_network"] = attempt("runs/typo")  # nothing listens on that port any more: connection refused
+constants.HF_HUB_OFFLINE = True  # what HF_HUB_OFFLINE=1 sets at import
+out["offline_typo"] = attempt("runs/typo")
+out["offline_cached"] = attempt("owner/vae")
+print(json.dumps(out))
+"""
+
+
+def test_from_pretrained_tries_a_folder_then_the_hub_once(tmp_path: Path) -> None:
+    """A path that does not exist is one ModelFileError naming both places tried, fast offline; a Hub id
+    the Hub holds still loads from the Hub, and from the cache once offline."""
+    VAE(784, [16], 3).save_pretrained(tmp_path / "served")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(tmp_path / "served")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    message, _ = out["typo"]
+    assert message.startswith(f"runs/typo is neither a folder or file in {tmp_path} nor a model")
+    assert "answered RepositoryNotFoundError" in message and "pass a folder written by vae-train" in message
+    assert out["hub"][0] == 3  # a real Hub id still downloads from the Hub
+    assert "/runs/typo/resolve/main/model.safetensors" in out["asked"]
+    assert "/owner/vae/resolve/main/model.safetensors" in out["asked"]
+    for key, why in (("no_network", "could not be reached: ConnectError"), ("offline_typo", "HF_HUB_OFFLINE is set")):
+        message, seconds = out[key]
+        assert message.startswith(f"runs/typo is neither a folder or file in {tmp_path} nor a model in the local")
+        assert why in message and seconds < 5, (message, seconds)  # huggingface_hub alone retries for ~26 s
+    assert "Retrying" not in proc.stderr, proc.stderr[-2000:]
+    assert out["offline_cached"][0] == 3  # offline, a model downloaded before loads from the cache

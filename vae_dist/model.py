@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -115,13 +121,26 @@ class VAE(nn.Module, PyTorchModelHubMixin):
             if source.name != WEIGHTS_NAME:
                 raise ModelFileError(f"{source} is a file, not a model folder; {LOAD_ADVICE}.")
             source = source.parent
-        elif not source.exists() and not _is_hub_id(str(pretrained_model_name_or_path)):
-            raise ModelFileError(f"model folder {source} does not exist; {LOAD_ADVICE}.")
+        offline = None  # why the Hub was not asked, when it was not
+        if not source.exists():
+            name = str(pretrained_model_name_or_path)
+            if not _is_hub_id(name):
+                raise ModelFileError(f"model folder {source} does not exist (in {Path.cwd()}); {LOAD_ADVICE}.")
+            offline = _ask_hub(name, kwargs.get("revision"), kwargs.get("token"))
+            if offline:
+                kwargs["local_files_only"] = True
+            elif kwargs.get("local_files_only"):
+                offline = "local_files_only=True"
         model_id = str(source) if source.is_dir() else str(pretrained_model_name_or_path)
         try:
             return super().from_pretrained(model_id, **kwargs)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:  # config.json, read by the mixin
             raise ModelFileError(f"{source / CONFIG_NAME} is not valid JSON ({err}); {LOAD_ADVICE}.") from None
+        except LocalEntryNotFoundError:  # the mixin's config.json, from the cache only
+            raise ModelFileError(
+                f"{model_id} is neither a folder or file in {Path.cwd()} nor a model in the local Hugging Face "
+                f"cache, and the Hub could not be asked ({offline or 'it stopped answering'}); {LOAD_ADVICE}."
+            ) from None
 
     @classmethod
     def _from_pretrained(
@@ -194,6 +213,31 @@ class VAE(nn.Module, PyTorchModelHubMixin):
             )
         model.load_state_dict(state, strict=strict)
         return model.to(map_location).eval()
+
+
+def _ask_hub(repo_id: str, revision: str | None, token: str | bool | None) -> str | None:
+    """Ask the Hub once whether `repo_id` holds a model.safetensors: None when it does (the download
+    goes on as usual), why the Hub could not be asked when it could not (offline mode, no network:
+    the caller then reads the local cache only), and ModelFileError when the Hub answers that there is
+    no such model. One request, never retried: without a network huggingface_hub retries its
+    requests for about 26 s before it falls back to its cache, and a mistyped local path, which looks
+    like a Hub id ("runs/typo"), should not wait for that."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_NAME, revision=revision), token=token)
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise ModelFileError(
+            f"{repo_id} is neither a folder or file in {Path.cwd()} nor a model with a {WEIGHTS_NAME} on the "
+            f"Hugging Face Hub ({constants.ENDPOINT} answered {type(err).__name__}); {LOAD_ADVICE}."
+        ) from None
+    except HfHubHTTPError:  # the Hub answered something else (a server error): the download reports it
+        return None
+    except Exception as err:  # no network, DNS, a proxy: the library's own exception types vary by version
+        return f"{constants.ENDPOINT} could not be reached: {type(err).__name__}: {str(err)[:120]}"
+    return None
 
 
 def _is_hub_id(text: str) -> bool:
