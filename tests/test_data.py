@@ -190,6 +190,11 @@ def test_failed_download_into_a_new_root_leaves_nothing(tmp_path: Path, offline:
         load_data(DataConfig(root=str(root), download=True))
     assert offline.calls >= 1  # the stand-in really wrote a partial file
     assert str(root / "MNIST" / "raw") in str(err.value)
+    # The cause reaches the user: torchvision's message puts it on its third line, after
+    # "Error downloading train-images-idx3-ubyte.gz:" (which alone read as a truncated sentence).
+    message = str(err.value)
+    assert "Error downloading train-images-idx3-ubyte.gz: Tried https://" in message
+    assert "Temporary failure in name resolution" in message and "\n" not in message
     assert list(tmp_path.iterdir()) == []  # no root, no MNIST/raw, no partial .gz
 
 

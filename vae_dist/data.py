@@ -57,8 +57,11 @@ def raw_folder(cfg: DataConfig) -> Path:
     return Path(cfg.root) / DATASETS[cfg.dataset] / "raw"
 
 
-def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """The error's whole message on one line: torchvision's download error is several lines (the file,
+    then each mirror tried and what it answered), and its first line alone ends in a bare colon."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text if len(text) <= limit else text[: limit - 3] + '...'}"
 
 
 def _idx_count(path: Path, magic: int, problems: list[str]) -> int | None:
@@ -179,7 +182,7 @@ def _ensure_files(cfg: DataConfig) -> None:
             _remove_created(raw, new_folders, old_entries)
             if not isinstance(err, Exception):
                 raise
-            reason = f"the download failed ({_first_line(err)})"  # any network failure: the same advice
+            reason = f"the download failed ({_one_line(err)})"  # any network failure: the same advice
     else:
         reason = "data.download=false"
     raise DataError(
