@@ -83,6 +83,18 @@ def test_bad_model_paths_exit_2_with_a_sentence(tmp_path: Path, capsys) -> None:
     assert "pickle" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"), [(["--k", "0"], "--k=0"), (["--batch-size", "-1", "--k-batch", "0"], "--batch-size=-1")]
+)
+def test_bad_numbers_are_one_line_without_the_usage_block(tmp_path: Path, capsys, args, message: str) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), *args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vae-evaluate: error: {message}: must be an integer >= 1.") and err.count("\n") == 1
+    assert "usage" not in err
+
+
 @pytest.mark.parametrize("fmt", ["zip", "raw"])
 def test_a_pickle_named_model_safetensors_is_refused(tmp_path: Path, capsys, fmt: str) -> None:
     """Issue 13: recognised by content, before any data is read, whether given as a folder or a file."""

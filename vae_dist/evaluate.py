@@ -238,10 +238,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default=None, help="JSON file written (default: <model>/eval.json)")
     args = parser.parse_args(argv)
-    for name in ("k", "batch_size", "k_batch", "cpu_threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')}={value}: must be an integer >= 1.")
+    problems = [
+        f"--{name.replace('_', '-')}={getattr(args, name)}: must be an integer >= 1."
+        for name in ("k", "batch_size", "k_batch", "cpu_threads")
+        if getattr(args, name) is not None and getattr(args, name) < 1
+    ]
+    if problems:
+        # One line, as vae-sample and vae-bench print: parser.error would put the usage block above it.
+        print(f"vae-evaluate: error: {' '.join(problems)}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
     return args
 
 
