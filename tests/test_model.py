@@ -288,3 +288,12 @@ def test_from_pretrained_tries_a_folder_then_the_hub_once(tmp_path: Path) -> Non
         assert why in message and seconds < 5, (message, seconds)  # huggingface_hub alone retries for ~26 s
     assert "Retrying" not in proc.stderr, proc.stderr[-2000:]
     assert out["offline_cached"][0] == 3  # offline, a model downloaded before loads from the cache
+
+
+def test_the_model_card_says_what_the_folder_holds(tmp_path: Path) -> None:
+    """The README.md that save_pretrained writes (vae-train's export included) claims no upload."""
+    VAE(784, [16], 2).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "pushed to the Hub" not in card and "More Information Needed" not in card
+    assert card.startswith("---\nlibrary_name: vae_dist\n")  # the Hub's card metadata, for a later upload
+    assert "VAE.from_pretrained(" in card and "config.json" in card and "model.safetensors" in card

@@ -41,6 +41,30 @@ CONFIG_NAME = "config.json"
 LOAD_ADVICE = "pass a folder written by vae-train or VAE.save_pretrained (model.safetensors + config.json)"
 
 
+# The README.md that save_pretrained writes beside the weights. huggingface_hub's default card says the
+# model "has been pushed to the Hub", which a run.dir never was; this one says what the folder holds.
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+# Variational autoencoder (vae_dist)
+
+A VAE as in Kingma & Welling 2014 (arXiv:1312.6114) for 28 x 28 images (MNIST, Fashion-MNIST or
+KMNIST: `data.dataset` in the run's config.yaml): an MLP encoder to the mean and log-variance of
+q(z|x), a decoder to Bernoulli logits over the pixels. `config.json` holds the architecture,
+`model.safetensors` the weights (the architecture is also in its metadata). Written by `vae-train`
+at the end of a run, or by `VAE.save_pretrained`.
+
+```python
+from vae_dist.model import VAE
+model = VAE.from_pretrained("path/to/this/folder")  # strict: every weight of config.json's architecture
+```
+
+In a run directory, `config.yaml` beside this file is the training config and `metrics.jsonl` the
+train and test losses (nats per example) of the run that wrote it.
+"""
+
+
 class ModelFileError(ValueError):
     """An exported model cannot be loaded: a missing file, a pickle, a truncated or corrupt safetensors
     file, or weights of another architecture. The message names the file and says what to do."""
@@ -55,7 +79,9 @@ def _mlp(dims: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class VAE(nn.Module, PyTorchModelHubMixin):
+class VAE(
+    nn.Module, PyTorchModelHubMixin, model_card_template=MODEL_CARD, library_name="vae_dist", tags=["vae", "mnist"]
+):
     """encode / reparameterize / decode. `VAE.from_pretrained(dir)` loads an exported model."""
 
     def __init__(self, x_dim: int = 784, hidden_dims: list[int] = (512, 256), z_dim: int = 2):
