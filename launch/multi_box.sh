@@ -16,10 +16,21 @@ cd "$(dirname "$0")/.."
 die() { echo "multi_box.sh: error: $*" >&2; exit 2; }
 
 CONFIG=${CONFIG:-configs/mnist.yaml}  # experiment YAML
-NUM_MACHINES=${NUM_MACHINES:?set NUM_MACHINES, the number of machines taking part}
-MACHINE_RANK=${MACHINE_RANK:?set MACHINE_RANK: 0 on the MAIN_IP machine, 1 .. NUM_MACHINES-1 on the others}
-MAIN_IP=${MAIN_IP:?set MAIN_IP, the address of the MACHINE_RANK=0 machine that every machine can reach}
+NUM_MACHINES=${NUM_MACHINES:-}        # required: machines taking part
+MACHINE_RANK=${MACHINE_RANK:-}        # required: 0 on the MAIN_IP machine, 1 .. NUM_MACHINES-1 on the others
+MAIN_IP=${MAIN_IP:-}                  # required: address of the MACHINE_RANK=0 machine that every machine reaches
 MAIN_PORT=${MAIN_PORT:-29500}         # rendezvous TCP port on MAIN_IP
+# Every missing setting in one sentence, as the other checks: exit 2, nothing started.
+missing=()
+[[ -n $NUM_MACHINES ]] || missing+=("NUM_MACHINES (the number of machines taking part)")
+[[ -n $MACHINE_RANK ]] || missing+=("MACHINE_RANK (0 on the MAIN_IP machine, 1 .. NUM_MACHINES-1 on the others)")
+[[ -n $MAIN_IP ]] || missing+=("MAIN_IP (the address of the MACHINE_RANK=0 machine, reachable from every machine)")
+if [[ ${#missing[@]} -gt 0 ]]; then
+  list=$(printf '%s, ' "${missing[@]}")
+  die "set ${list%, } on every machine, e.g. MAIN_IP=10.0.0.1 NUM_MACHINES=2 MACHINE_RANK=0 launch/multi_box.sh."
+fi
+[[ $NUM_MACHINES =~ ^[0-9]+$ && $NUM_MACHINES -ge 1 ]] || die "NUM_MACHINES=$NUM_MACHINES is not a number of machines (1 or more)."
+[[ $MACHINE_RANK =~ ^[0-9]+$ ]] || die "MACHINE_RANK=$MACHINE_RANK is not a rank: 0 .. $((NUM_MACHINES - 1))."
 CPU=${CPU:-0}                         # 1: CPU processes in a gloo group, GPUs hidden
 if [[ $CPU == 1 ]]; then
   export CUDA_VISIBLE_DEVICES=""
@@ -29,7 +40,13 @@ else
 fi
 RUN_DIR=${RUN_DIR:-}                  # run.dir override; empty: the config's run.dir
 
-[[ $GPUS -ge 1 ]] || die "no GPU found (nvidia-smi): set GPUS=N, or CPU=1 for CPU processes."
+[[ $GPUS =~ ^[0-9]+$ ]] || die "GPUS=$GPUS is not a number of processes per machine: set GPUS=N (N >= 1)."
+if [[ $GPUS -lt 1 ]]; then
+  [[ ${DRY_RUN:-0} == 1 ]] || die "no GPU found (nvidia-smi): set GPUS=N, or CPU=1 for CPU processes."
+  # A dry run shows the command anyway (on a GPU machine it takes one process per GPU).
+  echo "multi_box.sh: no GPU found (nvidia-smi); the command below is for GPUS=8 per machine, set GPUS=N for another count." >&2
+  GPUS=8
+fi
 [[ $MACHINE_RANK -ge 0 && $MACHINE_RANK -lt $NUM_MACHINES ]] ||
   die "MACHINE_RANK=$MACHINE_RANK is outside 0 .. $((NUM_MACHINES - 1)) (NUM_MACHINES=$NUM_MACHINES)."
 if [[ $NUM_MACHINES -gt 1 && ($MAIN_IP == localhost || $MAIN_IP == 127.* || $MAIN_IP == ::1) ]]; then

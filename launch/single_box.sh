@@ -4,7 +4,7 @@
 #   launch/single_box.sh data.root=../shared/data                      # every visible GPU
 #   GPUS=4 CONFIG=configs/mnist.yaml launch/single_box.sh train.epochs=10
 #   CPU=1 GPUS=2 launch/single_box.sh data.root=../shared/data       # 2 CPU processes (gloo)
-#   DRY_RUN=1 launch/single_box.sh                                   # print the command, run nothing
+#   DRY_RUN=1 launch/single_box.sh                                   # print the command, run nothing (any machine)
 #
 # Arguments are config overrides (section.key=value). Paths are relative to the repository root.
 # Also the launcher of slurm/train_single_node.sbatch.
@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 # The repository's .venv (made by `make`) unless a virtual environment is active.
 [[ -n ${VIRTUAL_ENV:-} || ! -x .venv/bin/accelerate ]] || PATH=$PWD/.venv/bin:$PATH
 
+die() { echo "single_box.sh: error: $*" >&2; exit 2; }
+
 CONFIG=${CONFIG:-configs/mnist.yaml}  # experiment YAML
 CPU=${CPU:-0}                         # 1: CPU processes in a gloo group, GPUs hidden
 if [[ $CPU == 1 ]]; then
@@ -20,7 +22,13 @@ if [[ $CPU == 1 ]]; then
   GPUS=${GPUS:-2}                     # processes: CPU processes here
 else
   GPUS=${GPUS:-$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)}  # processes: one per GPU
-  [[ $GPUS -ge 1 ]] || { echo "single_box.sh: no GPU found (nvidia-smi): set GPUS=N, or CPU=1 for CPU processes." >&2; exit 2; }
+fi
+[[ $GPUS =~ ^[0-9]+$ ]] || die "GPUS=$GPUS is not a number of processes: set GPUS=N (N >= 1)."
+if [[ $GPUS -lt 1 ]]; then
+  [[ ${DRY_RUN:-0} == 1 ]] || die "no GPU found (nvidia-smi): set GPUS=N, or CPU=1 for CPU processes."
+  # A dry run shows the command anyway (on a GPU machine it takes one process per GPU).
+  echo "single_box.sh: no GPU found (nvidia-smi); the command below is for GPUS=8, set GPUS=N for another count." >&2
+  GPUS=8
 fi
 MAIN_PORT=${MAIN_PORT:-29500}         # rendezvous TCP port on this machine
 RUN_DIR=${RUN_DIR:-}                  # run.dir override; empty: the config's run.dir

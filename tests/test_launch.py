@@ -60,10 +60,52 @@ def test_single_box_one_gpu_drops_multi_gpu_and_cpu_mode_hides_gpus() -> None:
 
 
 def test_single_box_without_gpus_says_what_to_set() -> None:
-    proc = dry_run(SINGLE_BOX, {"PATH": "/usr/bin:/bin"})  # no nvidia-smi on this PATH
-    if proc.returncode == 0:
+    proc = dry_run(SINGLE_BOX, {"PATH": "/usr/bin:/bin", "DRY_RUN": "0"})  # no nvidia-smi on this PATH
+    if proc.returncode != 2 and "nvidia-smi" not in proc.stderr:
         pytest.skip("nvidia-smi found GPUs in /usr/bin")
-    assert proc.returncode == 2 and "GPUS=N" in proc.stderr and "CPU=1" in proc.stderr
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "single_box.sh: error: no GPU found (nvidia-smi): set GPUS=N, or CPU=1 for CPU processes.\n"
+
+
+@pytest.mark.parametrize("script", [SINGLE_BOX, MULTI_BOX], ids=lambda p: p.name)
+def test_a_dry_run_without_gpus_still_prints_the_command(script: Path) -> None:
+    """The scripts' own example, DRY_RUN=1, on a CPU machine: the command for 8 GPUs, and a note saying so."""
+    env = {"PATH": "/usr/bin:/bin", "MAIN_IP": "10.0.0.1", "NUM_MACHINES": "2", "MACHINE_RANK": "0"}
+    proc = dry_run(script, env)
+    if "no GPU found" not in proc.stderr:
+        pytest.skip("nvidia-smi found GPUs in /usr/bin")
+    assert proc.returncode == 0 and proc.stdout.startswith("accelerate launch --multi_gpu ")
+    assert flags(proc.stdout)["--num_processes"] == ("8" if script == SINGLE_BOX else "16")
+    assert "the command below is for GPUS=8" in proc.stderr and "set GPUS=N" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {},
+            "multi_box.sh: error: set NUM_MACHINES (the number of machines taking part), MACHINE_RANK (0 on the "
+            "MAIN_IP machine, 1 .. NUM_MACHINES-1 on the others), MAIN_IP (the address of the MACHINE_RANK=0 "
+            "machine, reachable from every machine) on every machine, e.g. MAIN_IP=10.0.0.1 NUM_MACHINES=2 "
+            "MACHINE_RANK=0 launch/multi_box.sh.",
+        ),
+        ({"MAIN_IP": "10.0.0.1", "MACHINE_RANK": "0"}, "multi_box.sh: error: set NUM_MACHINES (the number"),
+        ({"MAIN_IP": "10.0.0.1", "NUM_MACHINES": "two", "MACHINE_RANK": "0"}, "NUM_MACHINES=two is not a number"),
+        ({"MAIN_IP": "10.0.0.1", "NUM_MACHINES": "2", "MACHINE_RANK": "first"}, "MACHINE_RANK=first is not a rank"),
+        ({"MAIN_IP": "10.0.0.1", "NUM_MACHINES": "2", "MACHINE_RANK": "0", "GPUS": "all"}, "GPUS=all is not a number"),
+    ],
+)
+def test_multi_box_missing_or_malformed_settings_are_one_sentence_exit_2(env: dict[str, str], message: str) -> None:
+    proc = dry_run(MULTI_BOX, {"GPUS": "8", **env})
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("multi_box.sh: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+def test_single_box_malformed_gpus_is_one_sentence_exit_2() -> None:
+    proc = dry_run(SINGLE_BOX, {"GPUS": "eight"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "single_box.sh: error: GPUS=eight is not a number of processes: set GPUS=N (N >= 1).\n"
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -90,7 +132,7 @@ def test_multi_box_builds_the_rendezvous(rank: int) -> None:
 )
 def test_multi_box_refuses_settings_that_would_hang(env: dict[str, str], message: str) -> None:
     proc = dry_run(MULTI_BOX, {"GPUS": "8", **env})
-    assert proc.returncode != 0 and message in proc.stderr and "accelerate" not in proc.stdout, proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr and "accelerate" not in proc.stdout, proc.stderr
 
 
 def test_node_task_takes_its_rank_from_its_own_slurm_nodeid() -> None:
