@@ -33,3 +33,34 @@ def test_cpu_threads_share_the_usable_cores(monkeypatch) -> None:
     assert torch.get_num_threads() == 1  # more processes than cores: one thread each
     set_cpu_threads(3, 1)
     assert torch.get_num_threads() == 3
+
+
+def test_oversubscribed_cores_are_one_warning_line_not_a_refusal(monkeypatch, capsys) -> None:
+    import vae_dist.processes as processes
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(processes, "usable_cores", lambda: 2)
+    monkeypatch.setattr(processes.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(processes, "busy_elsewhere", lambda: 0)
+    assert processes.oversubscribed(2) is None  # alone on the machine
+    assert "3 torch threads on 2 usable cores" in processes.oversubscribed(3)
+    monkeypatch.setattr(processes, "busy_elsewhere", lambda: 2)  # another run's two threads are busy
+    assert "2 threads of other processes are running" in processes.oversubscribed(2)
+    assert processes.oversubscribed(2, local_processes=2) is not None
+    monkeypatch.setattr(processes, "busy_elsewhere", lambda: 1)  # the sibling of a 2-process launch
+    assert processes.oversubscribed(1, local_processes=2) is None
+
+    set_cpu_threads(2, 1)  # the command goes on: one line on stderr
+    err = capsys.readouterr().err
+    assert torch.get_num_threads() == 2 and err.count("\n") == 1 and err.startswith("warning: ")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one line per machine, from local rank 0
+    set_cpu_threads(2, 1)
+    assert capsys.readouterr().err == ""
+
+
+def test_busy_elsewhere_reads_the_running_threads() -> None:
+    from vae_dist.processes import busy_elsewhere
+
+    busy = busy_elsewhere(samples=2, interval_s=0.0)
+    assert busy is None or busy >= 0

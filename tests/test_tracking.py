@@ -3,6 +3,7 @@ Run: pytest tests/test_tracking.py"""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import warnings
@@ -15,6 +16,7 @@ from conftest import fake_digits, train_in_process
 from vae_dist import figures, tracking
 from vae_dist.config import TrackingConfig, load_config
 from vae_dist.model import VAE
+from vae_dist.processes import usable_cores
 from vae_dist.tracking import TrackingWarning, WandbTracker, log_with, read_wandb_run, resolve_mode, start_tracker
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # key-shaped, never valid
@@ -161,6 +163,26 @@ def test_resumed_run_continues_the_same_run_without_duplicate_steps(tmp_path: Pa
     steps = [[row["_step"] for row in read_back(t.local_dir)["history"]] for t in (first, second)]
     assert steps == [[2, 4, 6, 8, 10], [12, 14, 16]]  # `wandb sync` uploads both, in start order, as one run
     assert tracking.local_runs(run_dir, first.run_id) == [first.local_dir, second.local_dir]
+
+
+def test_offline_run_carries_its_sweep_group_and_seed_name_and_runtime_json_names_the_processor(
+    tmp_path: Path,
+) -> None:
+    """What vae-seeds and slurm/train_seeds.sbatch give each seed: the sweep's group, a name saying its seed."""
+    run_dir = tmp_path / "sweep" / "seed-3"
+    cfg = load_config(None, [f"run.dir={run_dir}", "tracking.mode=offline", "tracking.group=sweep", "train.seed=3"])
+    acc = accelerator(cfg)
+    tracker = start_tracker(cfg, acc, run_dir, None, {"device": "cpu"})
+    tracker.log({"train/elbo": 1.0}, step=1)
+    tracker.finish()
+    acc.end_training()
+    run = read_back(tracker.local_dir)
+    assert run["group"] == "sweep" and run["name"] == "seed-3" and run["exited"]
+    runtime = json.loads((run_dir / "runtime.json").read_text())
+    assert runtime["device"] == "cpu" and runtime["processor"].endswith(
+        f"{torch.get_num_threads()} threads on {usable_cores()} cores"
+    )
+    assert run["config"]["runtime"]["processor"] == runtime["processor"]
 
 
 def test_history_reader_spans_many_log_blocks(tmp_path: Path) -> None:

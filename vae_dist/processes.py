@@ -4,6 +4,10 @@ and its share of the machine's CPU cores. Used by `vae-train`, `vae-evaluate` an
 from __future__ import annotations
 
 import os
+import platform
+import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -42,4 +46,71 @@ def set_cpu_threads(threads: int | None, num_processes: int) -> None:
     `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core
     machine's speed."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
-    torch.set_num_threads(threads or max(1, usable_cores() // local))
+    threads = threads or max(1, usable_cores() // local)
+    torch.set_num_threads(threads)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per machine, not one per process
+        problem = oversubscribed(threads, local)
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr, flush=True)
+
+
+def busy_elsewhere(samples: int = 5, interval_s: float = 0.02) -> int | None:
+    """Threads running right now in other processes of this machine, or None where /proc/loadavg is missing.
+
+    The fourth field of /proc/loadavg counts the runnable threads at this instant (proc(5)); the
+    smallest of a few samples, less the reader itself, keeps the busy threads of other runs and drops
+    short blips. The load average itself would not do: it lags a minute, so the seed that starts
+    right after another one ended would see that one's load."""
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return None
+        if i < samples - 1:
+            time.sleep(interval_s)
+    return max(0, min(counts) - 1)
+
+
+def oversubscribed(threads: int, local_processes: int = 1) -> str | None:
+    """Why `threads` torch threads in each of `local_processes` processes would oversubscribe this
+    machine's cores, or None. Two 2-thread runs side by side on 2 cores ran 10-20x slower each, not
+    2x (OpenMP threads spin while they wait for each other), so this is worth a line at the start."""
+    cores, total = usable_cores(), os.cpu_count() or 1
+    if threads * local_processes > cores:
+        return (
+            f"{local_processes} x {threads} torch threads on {cores} usable cores: the threads oversubscribe the "
+            "cores and each runs many times slower; lower train.cpu_threads (or --cpu-threads) so that processes "
+            "x threads <= cores."
+        )
+    busy = busy_elsewhere()
+    # The other processes of this launch are starting too and may be among the running threads.
+    others = None if busy is None else busy - (local_processes - 1)
+    if others is not None and others > 0 and others + threads * local_processes > total:
+        return (
+            f"{others} threads of other processes are running on this machine's {total} cores, and this run "
+            f"takes {threads * local_processes} more, so the cores are oversubscribed and every run on them slows "
+            "down many times over; run one after another (vae-seeds does by default on a CPU), or give each run "
+            "its share with train.cpu_threads."
+        )
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), e.g. 'Intel(R) Xeon(R) Processor'."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_processor(device: str | torch.device) -> str:
+    """The processor a run trains on, as a results table names it: the GPU's name, or the CPU's model
+    with the torch threads this process uses and the cores it may use."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {torch.get_num_threads()} threads on {usable_cores()} cores"

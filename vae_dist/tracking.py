@@ -89,9 +89,30 @@ class MetricsFile:
             f.write(json.dumps(clean) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        return self.read_checked()[0]
+
+    def read_checked(self) -> tuple[list[dict[str, Any]], str | None]:
+        """The records, and the torn last line that was dropped (None when there was none).
+
+        A process killed in the middle of `write` leaves a last line without its end; it is dropped
+        (a resumed run logs that step again). Any other line that is not JSON raises ValueError
+        naming the file and the line."""
         if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            return [], None
+        lines = self.path.read_text().splitlines()
+        records, torn = [], None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number < len(lines):
+                    raise ValueError(
+                        f"{self.path} line {number} is not JSON ({err.msg}): the file is damaged."
+                    ) from None
+                torn = line
+        return records, torn
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after `step`: a resumed run replays those steps and logs them again."""
@@ -240,13 +261,15 @@ def start_tracker(
     """Start (or, with the `run_id` stored in a checkpoint, continue) the W&B run of this training run.
 
     Main process only: other processes, `tracking.mode=off`, and any failure get the no-op `Tracker`.
-    `run_info` (process count, precision, accumulation steps, device, ...) is stored in the run's
-    config under `runtime`, next to the resolved config and the library versions. The accelerator
-    must have been built with `log_with=log_with(cfg.tracking)`."""
+    `run_info` (process count, precision, accumulation steps, device, ...), the library versions and
+    the processor are the run's `runtime`: written to <run.dir>/runtime.json on every mode (a results
+    table reads the processor there) and stored in the W&B config next to the resolved config. The
+    accelerator must have been built with `log_with=log_with(cfg.tracking)`."""
     if not accelerator.is_main_process:
         return Tracker()
+    runtime = write_runtime(Path(run_dir), accelerator.device, run_info)
     try:
-        return _open(cfg, accelerator, Path(run_dir), run_id, run_info)
+        return _open(cfg, accelerator, Path(run_dir), run_id, runtime)
     except Exception as err:  # anything unforeseen (wandb missing, a broken install, ...): no W&B, training goes on
         _detach(accelerator)
         _warn(
@@ -255,7 +278,25 @@ def start_tracker(
         return Tracker()
 
 
-def _open(cfg: Config, accelerator: Accelerator, run_dir: Path, run_id: str | None, run_info: dict | None) -> Tracker:
+def write_runtime(run_dir: Path, device: Any, run_info: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's environment (library versions, `run_info`, the processor) as <run.dir>/runtime.json;
+    returned for the W&B config. A resumed run rewrites it: it describes the newest segment. A file
+    that cannot be written is a warning: it labels results, the run does not need it."""
+    from vae_dist.processes import describe_processor
+
+    runtime = {**library_versions(), **(run_info or {})}
+    try:
+        runtime["processor"] = describe_processor(device)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "runtime.json").write_text(json.dumps(runtime, indent=1) + "\n")
+    except Exception as err:  # a full disk, permissions, a driver that cannot name its GPU: training goes on
+        _warn(
+            f"could not write {run_dir / 'runtime.json'} ({_first_line(err)}); results tables will not name the processor."
+        )
+    return runtime
+
+
+def _open(cfg: Config, accelerator: Accelerator, run_dir: Path, run_id: str | None, runtime: dict) -> Tracker:
     mode = resolve_mode(cfg.tracking)
     if mode == "off":
         return Tracker()
@@ -274,7 +315,7 @@ def _open(cfg: Config, accelerator: Accelerator, run_dir: Path, run_id: str | No
                 f"Upload it later with `wandb sync {run_dir / 'wandb'}`."
             )
             mode = "offline"
-    config = {**cfg.to_dict(), "runtime": {**library_versions(), **(run_info or {})}}
+    config = {**cfg.to_dict(), "runtime": runtime}
     for attempt in ("online", "offline") if mode == "online" else (mode,):
         try:
             return _start(cfg, accelerator, run_dir, run_id, config, attempt)
@@ -462,13 +503,21 @@ def _wandb_records(path: Path) -> Iterator[bytes]:
 
 def read_wandb_run(path: Path) -> dict[str, Any]:
     """What a local W&B run folder (offline-run-* or run-*) holds: {"history": [row, ...], "config": {...},
-    "artifacts": [name, ...], "run_id": str, "exited": bool}. Rows map metric names to values, with
+    "artifacts": [name, ...], "run_id": str, "name": str, "group": str, "exited": bool}. Rows map metric names to values, with
     `_step`. `exited` is False until wandb has written the run's exit record (it writes asynchronously)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.glob("run-*.wandb"))
-    out: dict[str, Any] = {"history": [], "config": {}, "artifacts": [], "run_id": None, "exited": False}
+    out: dict[str, Any] = {
+        "history": [],
+        "config": {},
+        "artifacts": [],
+        "run_id": None,
+        "name": None,
+        "group": None,
+        "exited": False,
+    }
     for f in files:
         for raw in _wandb_records(f):
             record = pb.Record()
@@ -480,6 +529,8 @@ def read_wandb_run(path: Path) -> dict[str, Any]:
                 )
             elif kind == "run":
                 out["run_id"] = record.run.run_id
+                out["name"] = record.run.display_name or None
+                out["group"] = record.run.run_group or None
                 for item in record.run.config.update:
                     out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
             elif kind == "config":
