@@ -1,7 +1,7 @@
 # One command each: `make train` sets up and trains, `make test` sets up and runs the tests.
 # The virtual environment is .venv; it is (re)built when pyproject.toml changes.
 PYTHON ?= python3
-# torch 2.14.1 installs from local disk on the team's machines; any release the pyproject range admits works.
+# The torch release the README's measurements used; any release the pyproject range admits works.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # One process (one GPU, or the CPU): signals reach it directly, so SIGTERM to make or to it checkpoints.
+# make exits 2 whenever vae-train fails or stops; vae-train's own code is in make's "Error N" line.
 # All GPUs of a machine: launch/single_box.sh.
 train: $(STAMP)
 	$(VENV)/bin/vae-train --config configs/mnist.yaml $(ARGS)
