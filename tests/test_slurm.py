@@ -18,7 +18,9 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -256,3 +258,91 @@ def test_multi_node_refuses_a_head_node_that_resolves_to_loopback() -> None:
     assert (
         unresolvable.returncode == 2 and "does not resolve" in unresolvable.stderr and "MAIN_IP" in unresolvable.stderr
     )
+
+
+# ------------------------------------------------------------------ seeds as an array
+SEEDS = REPO / "slurm" / "train_seeds.sbatch"
+
+
+def array_states(job: str) -> list[str]:
+    """JobState of every task of array job `job` (scontrol shows one record per task)."""
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return re.findall(r"\bJobState=(\S+)", out)
+
+
+def test_an_array_of_three_smoke_seeds_gives_three_runs_in_one_group_and_a_table(
+    data: Path, tmp_path: Path, jobs: list[str]
+) -> None:
+    """sbatch --array=0-2: task i trains seed 10 + i into <RUN_DIR>/seed-<10 + i>, all in the W&B group
+    "sweep"; vae-results over them prints n = 3 with the mean and std of the three final test ELBOs."""
+    from vae_dist.tracking import local_runs, read_wandb_run
+
+    sweep = tmp_path / "sweep"
+    wandb_home = tmp_path / "wandb_home"
+    env = {
+        **os.environ,
+        "CPU": "1",
+        "CONFIG": "configs/smoke.yaml",
+        "RUN_DIR": str(sweep),
+        "BASE_SEED": "10",
+        "WANDB_CONFIG_DIR": str(wandb_home / "config"),
+        "WANDB_CACHE_DIR": str(wandb_home / "cache"),
+        "WANDB_DATA_DIR": str(wandb_home / "data"),
+        "WANDB_SILENT": "true",
+        "WANDB_ERROR_REPORTING": "false",
+    }
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        env.pop(var, None)
+    args = [f"data.root={data}", "data.download=false", "model.hidden_dims=[64,32]", "train.cpu_threads=1"]
+    args.append("tracking.mode=offline")
+    log = tmp_path / "task-%a.out"
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-2", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}"]
+        + [str(SEEDS), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
+    jobs.append(job := proc.stdout.strip().split(";")[0])
+    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    first_log = tmp_path / "task-0.out"
+    wait_for(lambda: all(s in done for s in array_states(job)), 240, "the array to end", first_log)
+    states = array_states(job)
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("task-*.out")))
+    assert states == [] or states == ["COMPLETED"] * 3, logs
+
+    finals, groups, names = [], set(), []
+    for task, seed in enumerate((10, 11, 12)):
+        run = sweep / f"seed-{seed}"
+        text = (tmp_path / f"task-{task}.out").read_text()
+        assert f"array task {task} of job {job}" in text and "slurm: training finished" in text, text[-3000:]
+        config = (run / "config.yaml").read_text()
+        assert f"seed: {seed}\n" in config and f"dir: {run}\n" in config
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        finals.append([r for r in rows if r["split"] == "test"][-1]["elbo"])
+        [folder] = local_runs(run)
+        wandb_run = read_wandb_run(folder)
+        groups.add(wandb_run["group"])
+        names.append(wandb_run["name"])
+    assert groups == {"sweep"} and names == ["seed-10", "seed-11", "seed-12"]
+    assert len(set(finals)) == 3  # three seeds, three draws
+
+    table = subprocess.run(
+        [sys.executable, "-m", "vae_dist.results", str(sweep), "--json"], capture_output=True, text=True, cwd=REPO
+    )
+    assert table.returncode == 0, table.stderr
+    [row] = json.loads(table.stdout)["groups"]
+    assert row["n"] == 3 and row["seeds"] == [10, 11, 12]
+    assert row["final_elbo"]["mean"] == pytest.approx(statistics.fmean(finals), rel=1e-12)
+    assert row["final_elbo"]["std"] == pytest.approx(statistics.stdev(finals), rel=1e-12)
+    markdown = subprocess.run([sys.executable, "-m", "vae_dist.results", str(sweep)], capture_output=True, text=True)
+    mean, std = statistics.fmean(finals), statistics.stdev(finals)
+    assert f"| {sweep}/seed-{{10,11,12}} | 3 | {mean:.2f} ± {std:.2f} " in markdown.stdout
+
+
+def test_an_array_task_is_refused_outside_an_array() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(SEEDS)], capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 2 and "not an array task: submit with sbatch --array=0-N" in proc.stderr
