@@ -179,9 +179,7 @@ def test_offline_run_carries_its_sweep_group_and_seed_name_and_runtime_json_name
     run = read_back(tracker.local_dir)
     assert run["group"] == "sweep" and run["name"] == "seed-3" and run["exited"]
     runtime = json.loads((run_dir / "runtime.json").read_text())
-    assert runtime["device"] == "cpu" and runtime["processor"].endswith(
-        f"{torch.get_num_threads()} threads on {usable_cores()} cores"
-    )
+    assert runtime["device"] == "cpu" and runtime["processor"].endswith(f" on {usable_cores()} cores")
     assert run["config"]["runtime"]["processor"] == runtime["processor"]
 
 

@@ -261,7 +261,7 @@ def common_prefix(paths: list[Path]) -> str:
         return str(paths[0])
     parents = {str(p.parent) for p in paths}
     names = [p.name for p in paths]
-    stem = os.path.commonprefix(names)
+    stem = re.sub(r"\d+$", "", os.path.commonprefix(names))  # seed-10, seed-11: seed-{10,11}, not seed-1{0,1}
     tails = [n[len(stem) :] for n in names]
     inner = ",".join(tails) if sum(map(len, tails)) < 60 else f"{tails[0]}..{tails[-1]}"
     where = parents.pop() if len(parents) == 1 else os.path.commonpath([str(p) for p in paths])
