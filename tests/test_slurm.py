@@ -346,3 +346,33 @@ def test_an_array_task_is_refused_outside_an_array() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run(["bash", str(SEEDS)], capture_output=True, text=True, cwd=REPO, env=env)
     assert proc.returncode == 2 and "not an array task: submit with sbatch --array=0-N" in proc.stderr
+
+
+def test_an_array_task_requeues_itself_on_usr1_and_resumes_its_own_seed(
+    data: Path, tmp_path: Path, jobs: list[str]
+) -> None:
+    """The time-limit path, per task: USR1 to task 1's batch shell checkpoints it, requeues that task
+    only, and the requeued task resumes the same seed in the same run.dir to the end."""
+    sweep, log = tmp_path / "sweep", tmp_path / "task.out"
+    env = {**os.environ, "CPU": "1", "RUN_DIR": str(sweep)}
+    args = overrides(data, **{"train.epochs": 10, "train.cpu_threads": 1})  # 200 steps, ~5 s of training
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--array=1", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}"]
+        + [str(SEEDS), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
+    jobs.append(array := proc.stdout.strip().split(";")[0])
+    task, run = f"{array}_1", sweep / "seed-1"
+    wait_for(lambda: any(s >= 30 for s in train_steps(run)), 120, "30 training steps", log)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True)
+    wait_for(lambda: "slurm: requeueing job" in log.read_text(), 60, "the task to requeue itself", log)
+    wait_for(lambda: job_field(task, "Restarts") == "1" and job_gone(task), 150, "the requeued task to end", log)
+    text = log.read_text()
+    assert job_field(task, "JobState") == "COMPLETED", text[-3000:]
+    assert "restart 1 " in text and re.search(r"checkpoint saved to \S*seed-1/checkpoints/step-\d+", text)
+    assert train_steps(run)[-1] == 200 and train_steps(run) == sorted(set(train_steps(run)))
+    assert "seed: 1\n" in (run / "config.yaml").read_text() and sorted(p.name for p in sweep.iterdir()) == ["seed-1"]
