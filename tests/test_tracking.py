@@ -102,6 +102,31 @@ def test_off_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "wandb").exists() and not (tmp_path / "wandb").exists()
 
 
+# ------------------------------------------------------------------ what an offline run prints
+def test_an_offline_run_ends_with_one_line_not_wandbs_summary(tmp_path: Path, monkeypatch, capfd) -> None:
+    """W&B's ~30 lines of sparklines and summary would push the run's own summary off the screen."""
+    monkeypatch.delenv("WANDB_SILENT")  # what a user's terminal gets
+    cfg = config(tmp_path)
+    acc = accelerator(cfg)
+    run_dir = tmp_path / "run"
+    tracker = start_tracker(cfg, acc, run_dir, None, {"num_processes": 1})
+    log_epochs(tracker, range(1, 9))
+    tracker.finish()
+    acc.end_training()
+    out, err = capfd.readouterr()
+    assert "Run history" not in out + err and "Run summary" not in out + err and "sparkline" not in out + err
+    hint = f"W&B: offline run in {tracker.local_dir}; upload it with `wandb sync {run_dir / 'wandb'}`"
+    assert out.strip().splitlines()[-1] == hint, out
+    assert read_wandb_run(tracker.local_dir)["history"]  # quiet on screen, complete on disk
+
+
+def test_wandb_quiet_or_silent_set_by_the_user_decides(monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_SILENT")
+    assert tracking._settings("offline").quiet is True
+    monkeypatch.setenv("WANDB_QUIET", "false")
+    assert tracking._settings("offline").quiet is False
+
+
 # ------------------------------------------------------------------ what an offline run stores
 def test_offline_run_stores_config_history_images_and_model(tmp_path: Path) -> None:
     cfg = config(tmp_path, "tracking.name=tiny", "tracking.tags=[a, b]")

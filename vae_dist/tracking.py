@@ -237,6 +237,11 @@ def _detach(accelerator: Accelerator) -> None:
     accelerator.trackers[:] = [t for t in accelerator.trackers if getattr(t, "name", None) != "wandb"]
 
 
+def _quiet_by_default() -> bool:
+    """W&B runs quiet unless the user chose with WANDB_QUIET or WANDB_SILENT."""
+    return "WANDB_QUIET" not in os.environ and "WANDB_SILENT" not in os.environ
+
+
 def _settings(mode: Mode):
     import wandb
 
@@ -245,6 +250,11 @@ def _settings(mode: Mode):
         values["init_timeout"] = INIT_TIMEOUT_S
     if mode == "online":
         values["finish_timeout"] = FINISH_TIMEOUT_S
+    if _quiet_by_default():
+        # W&B ends a run with ~30 lines of history sparklines and summary that push the run's own
+        # summary off the screen; quiet keeps its run and URL lines (WandbTracker.finish then names
+        # the offline folder and the upload command in one line).
+        values["quiet"] = True
     fields = getattr(wandb.Settings, "model_fields", None)  # pydantic Settings: wandb >= 0.18
     if fields is not None:
         values = {k: v for k, v in values.items() if k in fields}
@@ -468,6 +478,11 @@ class WandbTracker(Tracker):
         self.finished = True
         _detach(self.accelerator)
         self.tracker.finish()
+        if self.mode == "offline" and _quiet_by_default():  # wandb's own sync hint is quiet too
+            print(
+                f"W&B: offline run in {self.local_dir}; upload it with `wandb sync {self.run_dir / 'wandb'}`",
+                flush=True,
+            )
 
 
 # ------------------------------------------------------------------ reading a run back
