@@ -103,7 +103,7 @@ def test_cli_bad_override_exits_with_one_line_and_writes_nothing(override: str, 
     assert not run_dir.exists() and not (tmp_path / "runs").exists()
 
 
-# Issue 13: inf and nan in every spelling, as an override and in a file, stop the run with the key named.
+# inf and nan in every spelling, as an override and in a file, stop the run with the key named.
 NON_FINITE = [  # (spelling, how the message shows it)
     (".inf", "inf"),
     ("-.inf", "-inf"),

@@ -73,7 +73,7 @@ def test_real_mnist_when_present() -> None:
     assert test.labels.bincount().tolist()[:2] == [980, 1135]
 
 
-# Issue 13: each IDX file's header and size are checked before torchvision reads it.
+# Each IDX file's header and size are checked before torchvision reads it.
 IMAGE_FILES = ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]
 LABEL_FILES = ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"]
 

@@ -97,7 +97,7 @@ def test_bad_numbers_are_one_line_without_the_usage_block(tmp_path: Path, capsys
 
 @pytest.mark.parametrize("fmt", ["zip", "raw"])
 def test_a_pickle_named_model_safetensors_is_refused(tmp_path: Path, capsys, fmt: str) -> None:
-    """Issue 13: recognised by content, before any data is read, whether given as a folder or a file."""
+    """A pickle is recognised by content, before any data is read, whether given as a folder or a file."""
     model_dir = tmp_path / "model"
     tiny_model().save_pretrained(model_dir)
     weights = model_dir / "model.safetensors"

@@ -113,7 +113,7 @@ def test_log_var_is_clamped_to_a_finite_range() -> None:
     assert all(math.isfinite(v) for v in terms["kl"].tolist())
 
 
-# ---------------------------------------------------------------- loading exported models safely (issue 13)
+# ---------------------------------------------------------------- loading exported models safely
 def write_torch_pickle(path: Path, fmt: str) -> Path:
     """What torch.save writes: a zip archive (the default) or a raw pickle (the legacy format)."""
     path.parent.mkdir(parents=True, exist_ok=True)

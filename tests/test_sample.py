@@ -120,7 +120,7 @@ def test_bad_input_is_one_sentence_and_exit_2(make, args, message, tmp_path: Pat
 
 @pytest.mark.parametrize("fmt", ["zip", "raw"])
 def test_a_pickle_is_refused_whatever_its_name(fmt: str, tmp_path: Path, capsys) -> None:
-    """Issue 13: a torch.save file renamed model.safetensors (or any name) is refused as a pickle."""
+    """A torch.save file renamed model.safetensors (or any name) is refused as a pickle."""
     folder = export(tmp_path / "model")
     weights = folder / "model.safetensors"
     torch.save({"w": torch.zeros(3)}, weights, _use_new_zipfile_serialization=fmt == "zip")

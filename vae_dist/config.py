@@ -50,7 +50,7 @@ def _check(value: Any, *, ge: float | None = None, gt: float | None = None) -> s
     """Range check for numbers; returns what is allowed when `value` is out of range."""
     if value is None:
         return None
-    # NaN compares false with everything, so it would pass every bound below (issue 13).
+    # NaN compares false with everything, so it would pass every bound below.
     if isinstance(value, float) and not math.isfinite(value):
         return "must be a finite number"
     if ge is not None and value < ge:
