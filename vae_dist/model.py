@@ -138,6 +138,9 @@ class VAE(
         strict=True (default): every weight of the architecture in config.json, with its shape, and no
         other. Raises ModelFileError (a ValueError) for a missing file, a pickle (whatever its name), a
         truncated or corrupt safetensors file, an invalid config.json or weights of another architecture.
+        A name that is no local path but could be a Hub id ("owner/name") is asked of the Hub once
+        (_ask_hub); one the Hub does not have, or any while the Hub cannot be reached and the local
+        Hub cache has no copy, is a ModelFileError that names both places tried.
         """
         source = Path(pretrained_model_name_or_path)
         if source.is_file():
