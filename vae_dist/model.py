@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
@@ -257,10 +258,13 @@ def _ask_hub(repo_id: str, revision: str | None, token: str | bool | None) -> st
         return "HF_HUB_OFFLINE is set"
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_NAME, revision=revision), token=token)
+    except GatedRepoError:  # it exists, behind an access request: the download's own error says how
+        return None
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise ModelFileError(
             f"{repo_id} is neither a folder or file in {Path.cwd()} nor a model with a {WEIGHTS_NAME} on the "
-            f"Hugging Face Hub ({constants.ENDPOINT} answered {type(err).__name__}); {LOAD_ADVICE}."
+            f"Hugging Face Hub ({constants.ENDPOINT} answered {type(err).__name__}; a private model needs "
+            f"`hf auth login` or token=); {LOAD_ADVICE}."
         ) from None
     except HfHubHTTPError:  # the Hub answered something else (a server error): the download reports it
         return None
