@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -73,10 +74,21 @@ def readme_layout(tmp_path_factory: pytest.TempPathFactory):
                         "train.device=cpu",
                     ]
                 )
+            if tracking == "offline":  # wandb's service writes the run's last records after finish() returns
+                wait_for_exit_record(root / "runs" / "mnist")
             made[tracking] = root
         return made[tracking]
 
     return layout
+
+
+def wait_for_exit_record(run_dir: Path, timeout: float = 20.0) -> None:
+    """As a user reads the run after the training process exited: the W&B run complete on disk."""
+    from vae_dist.tracking import local_runs, read_wandb_run
+
+    deadline = time.monotonic() + timeout
+    while not read_wandb_run(local_runs(run_dir)[-1])["exited"] and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize(

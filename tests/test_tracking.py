@@ -117,7 +117,7 @@ def test_an_offline_run_ends_with_one_line_not_wandbs_summary(tmp_path: Path, mo
     assert "Run history" not in out + err and "Run summary" not in out + err and "sparkline" not in out + err
     hint = f"W&B: offline run in {tracker.local_dir}; upload it with `wandb sync {run_dir / 'wandb'}`"
     assert out.strip().splitlines()[-1] == hint, out
-    assert read_wandb_run(tracker.local_dir)["history"]  # quiet on screen, complete on disk
+    assert read_back(tracker.local_dir)["history"]  # quiet on screen, complete on disk
 
 
 def test_wandb_quiet_or_silent_set_by_the_user_decides(monkeypatch) -> None:
