@@ -86,3 +86,36 @@ def test_one_seed_per_gpu_each_seeing_only_its_own(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     runs, slots = plan(load_config(None, []), [0, 1, 2], None, [])
     assert slots == ["GPU 2", "GPU 5"] and not any(o.startswith("train.cpu_threads") for r in runs for o in r.overrides)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_checkpoints_the_running_seed_and_the_same_command_resumes(
+    data_root: Path, tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    sweep = tmp_path / "smoke"
+    # 200 steps per seed (tiny data, batch 20, 10 epochs): long enough to be stopped in the middle;
+    # figures only at the end (a drawing takes about a second of CPU).
+    args = [*smoke(data_root, sweep), "train.max_steps=null", "train.epochs=10", "train.batch_size=20"]
+    args += ["tracking.log_every_steps=10", "tracking.images_every_epochs=0", "--seeds", "2"]
+    cmd = [sys.executable, "-m", "vae_dist.seeds", "--config", str(REPO / "configs" / "smoke.yaml"), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cpu_env())
+    metrics = sweep / "seed-0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count('"train"') >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:] + err[-3000:]
+    assert "got SIGTERM: stopping the running seeds" in err
+    assert "seed 0 (stopped by a signal after a checkpoint: rerun to resume)" in out
+    assert "seed 1 (not started (the sweep was stopped first))" in out
+    assert list((sweep / "seed-0" / "checkpoints").glob("step-*")) and not (sweep / "seed-1").exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=cpu_env(), timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resum" in (sweep / "seed-0" / "train.log").read_text().lower()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train"' in line]
+    assert steps[-1] == 200 and steps == sorted(set(steps))  # resumed, not restarted: no step twice
