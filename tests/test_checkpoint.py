@@ -164,7 +164,7 @@ def write_torch_pickle(path: Path, fmt: str) -> None:
 
 
 def test_pickle_named_safetensors_is_refused_on_resume(ckpt_overrides: list[str], tmp_path: Path) -> None:
-    """Issue 13: a torch.save file renamed *.safetensors is refused as a pickle, before its manifest is
+    """A torch.save file renamed *.safetensors is refused as a pickle, before its manifest is
     checked, on resume from a path; train.resume=auto skips that checkpoint for the previous one."""
     run = tmp_path / "run"
     train_in_process(ckpt_overrides)
@@ -188,7 +188,7 @@ def test_pickle_named_safetensors_is_refused_on_resume(ckpt_overrides: list[str]
         with pytest.warns(UserWarning, match=rf"skipping checkpoint .*step-00000016.*{name} .*pickle"):
             trainer = Trainer(load_config(None, ckpt_overrides + ["train.epochs=3"]))  # train.resume=auto
         assert trainer.step == 8 and verify(older) is None
-        trainer.release()  # built, never fit: it would hold run.dir for as long as it lives
+        trainer.close()  # built, never fit: it would hold run.dir for as long as it lives
         (newest / name).write_bytes(original)
     assert verify(newest) is None
 
@@ -300,7 +300,7 @@ def test_sigterm_exit_code_and_message(ckpt_overrides: list[str], tmp_path: Path
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
-    assert "received SIGTERM" in out and "resume with train.resume=auto" in out
+    assert "received SIGTERM" in out and "rerun the same command to resume" in out
     assert latest_valid(run) is not None
 
 
@@ -380,3 +380,100 @@ def test_kill_minus_9_at_random_moments(ckpt_overrides: list[str], tmp_path: Pat
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_weights(load_weights(run), load_weights(ref))
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(ckpt_overrides: list[str], tmp_path: Path) -> None:
+    """A process killed while writing metrics.jsonl (kill -9, a full disk, a power cut) leaves a partial
+    last line: the resume drops it with one warning line and goes on; nothing else in the file is lost."""
+    run = tmp_path / "run"
+    train_in_process(ckpt_overrides, stop_at=5)
+    kept = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(kept + '{"split": "train", "epoch": 0, "step": 6, "loss": 51')
+    proc = run_train(ckpt_overrides, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torn = [line for line in proc.stderr.splitlines() if "torn" in line]
+    assert len(torn) == 1 and f"{run / 'metrics.jsonl'}: dropped its last line" in torn[0]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # all JSON now
+    assert records[: len(kept.splitlines())] == [json.loads(line) for line in kept.splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [3, 6, 9, 12, 15]
+
+
+def test_a_damaged_metrics_line_is_one_sentence_with_exit_2(ckpt_overrides: list[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_in_process(ckpt_overrides, stop_at=7)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # the train records of steps 3 and 6
+    damaged = "\n".join([lines[0][:20], *lines[1:]]) + "\n"  # line 1 cut short, the rest intact
+    (run / "metrics.jsonl").write_text(damaged)
+    proc = run_train(ckpt_overrides, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vae-train: error:")]
+    assert len(errors) == 1 and f"{run / 'metrics.jsonl'} line 1 is not JSON" in errors[0]
+    assert "delete that line" in errors[0]
+    assert (run / "metrics.jsonl").read_text() == damaged  # nothing was touched
+
+
+def test_a_resume_with_another_global_batch_is_refused(ckpt_overrides: list[str], tmp_path: Path) -> None:
+    """Another train.batch_size would give the rest of the epoch other examples than the batch plan
+    gave the steps already taken; another process count with the same global batch is fine."""
+    train_in_process(ckpt_overrides, stop_at=3)
+    with pytest.raises(ConfigError) as err:
+        Trainer(load_config(None, [*ckpt_overrides, "train.batch_size=25"]))
+    message = str(err.value)
+    assert "train.batch_size=50 (the global batch)" in message and "asks for train.batch_size=25" in message
+    assert "Resume with train.batch_size=50, or train with the new batch size in a new run.dir" in message
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_format2" / "step-00000020"
+
+
+def test_checkpoint_from_before_the_components_resumes_exactly(tmp_path: Path) -> None:
+    """A checkpoint written by the trainer before it was split into components (tests/fixtures, see its
+    README) resumes to step 40 with the weights of an uninterrupted 40-step run of today's code. Bit-exact
+    where this machine computes the fixture's first 20 steps bit for bit (Intel Xeon with AVX-512, as it
+    was written); elsewhere the CPU's own rounding of those steps is the only difference allowed."""
+    from conftest import make_mnist
+
+    root = make_mnist(tmp_path / "data", n_train=4000, n_test=150)
+    base = [
+        "--config",
+        "configs/smoke.yaml",
+        f"data.root={root}",
+        "data.download=false",
+        "model.hidden_dims=[32, 16]",
+        "tracking.log_every_steps=8",
+        "train.device=cpu",
+    ]
+    repo = Path(__file__).resolve().parent.parent
+    for name, extra in (
+        ("ref", ["train.max_steps=40"]),
+        ("resumed", ["train.max_steps=40", f"train.resume={FIXTURE}"]),
+    ):
+        proc = run_train([*base, f"run.dir={tmp_path / name}", *extra], cwd=repo)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed from {FIXTURE} at step 20 (epoch 0, step 20)" in proc.stdout
+    ref, resumed = load_weights(tmp_path / "ref"), load_weights(tmp_path / "resumed")
+    at_20 = load_file(str(tmp_path / "ref" / "checkpoints" / "step-00000040" / "model.safetensors"))  # keys only
+    same_cpu = all(
+        torch.equal(a, b)
+        for a, b in zip(
+            load_file(str(FIXTURE / "model.safetensors")).values(), _weights_at(tmp_path, base, repo, 20).values()
+        )
+    )
+    assert at_20.keys() == ref.keys()
+    if same_cpu:
+        assert_same_weights(resumed, ref)
+    else:
+        for key in ref:
+            torch.testing.assert_close(resumed[key], ref[key], rtol=1e-3, atol=1e-5)
+    # The resumed run's window continued the fixture's: its first train record covers steps 17-24.
+    first = next(r for r in metrics(tmp_path / "resumed") if r["split"] == "train")
+    ref_24 = next(r for r in metrics(tmp_path / "ref") if r["split"] == "train" and r["step"] == 24)
+    assert first["step"] == 24 and (first == ref_24 or not same_cpu)
+
+
+def _weights_at(tmp_path: Path, base: list[str], repo: Path, steps: int) -> dict[str, torch.Tensor]:
+    """Today's code's weights after `steps` steps of the fixture's run."""
+    proc = run_train([*base, f"run.dir={tmp_path / f'at{steps}'}", f"train.max_steps={steps}"], cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return load_weights(tmp_path / f"at{steps}")

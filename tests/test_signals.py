@@ -1,10 +1,11 @@
-"""Every way a run is stopped or doubled leaves it whole (issue 13): a signal at any moment, a launcher
+"""Every way a run is stopped or doubled leaves it whole: a signal at any moment, a launcher
 killed by a supervisor, a second run into the same run.dir, a run killed with -9. CPU processes.
 Run: pytest tests/test_signals.py   (the launcher tests are marked distributed)"""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -112,13 +113,14 @@ def test_signal_during_epoch_end_work_checkpoints_and_stops(
     """SIGTERM during the epoch-end evaluation or pictures of epoch 1 (of 2): the run stops right after
     that work, with a checkpoint of the step it reached, and no further step."""
     trainer = Trainer(load_config(None, [*tiny_overrides, "checkpoint.every_epochs=0"]))
-    original = getattr(trainer, moment)
+    owner = trainer.metrics if moment == "draw_figures" else trainer  # the figures are the metrics component's
+    original = getattr(owner, moment)
 
-    def interrupted():
+    def interrupted(*args):
         signal.raise_signal(signal.SIGTERM)
-        return original()
+        return original(*args)
 
-    setattr(trainer, moment, interrupted)
+    setattr(owner, moment, interrupted)
     summary = trainer.fit()
     assert summary["preempted"] and summary["steps"] == 8  # 400 examples / batch 50: the end of epoch 1
     assert summary["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "step-00000008")
@@ -130,13 +132,13 @@ def test_signal_after_the_last_step_lets_the_run_finish(tiny_overrides: list[str
     """SIGTERM during the export: the final checkpoint is written already and the export takes
     milliseconds, so the run ends finished (exit 0 from vae-train), not preempted."""
     trainer = Trainer(load_config(None, tiny_overrides))
-    export = trainer.export_model
+    export = trainer.checkpoints.export
 
     def interrupted():
         signal.raise_signal(signal.SIGTERM)
         return export()
 
-    trainer.export_model = interrupted
+    trainer.checkpoints.export = interrupted
     summary = trainer.fit()
     assert not summary.get("preempted") and summary["steps"] == 16
     assert (tmp_path / "run" / "model.safetensors").is_file()
@@ -193,3 +195,44 @@ def test_stale_temp_dirs_are_cleared_when_a_run_starts(tiny_overrides: list[str]
     trainer, _ = train_in_process([*tiny_overrides, "train.max_steps=2"])
     assert not stale.exists()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
+
+
+ORPHAN = """
+import os, subprocess, sys
+child = subprocess.Popen(
+    [sys.executable, "-c", sys.argv[1]], env={**os.environ, "LOCAL_RANK": "0"},
+    stdout=subprocess.PIPE, stderr=open(sys.argv[2], "w"), text=True,
+)
+child.stdout.readline()  # the child's handlers are installed (as a launcher's child starts training)
+print(child.pid, flush=True)  # then this parent, the 'launcher', dies
+"""
+HUNG_CHILD = """
+import time
+import vae_dist.signals as signals
+signals.ORPHAN_GRACE_S = 2.0
+stop = signals.StopSignals().install()
+stop.defer()  # the parent's death SIGTERM is only recorded: a loop that never looks again is 'hung'
+print("ready", flush=True)
+while True:
+    time.sleep(0.5)
+"""
+
+
+def test_a_launcher_child_hung_past_its_signal_exits_after_the_grace(tmp_path: Path) -> None:
+    """The launcher dies; its child gets SIGTERM (PR_SET_PDEATHSIG) but never acts on it: the parent
+    watch ends it ORPHAN_GRACE_S later with its threads' tracebacks, so it never outlives the launcher."""
+    err = tmp_path / "child.err"
+    parent = subprocess.run(
+        [sys.executable, "-c", ORPHAN, HUNG_CHILD, str(err)], capture_output=True, text=True, env=cpu_env(), timeout=60
+    )
+    child = int(parent.stdout.split()[0])
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stat = Path(f"/proc/{child}/stat")
+        if not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z":
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the orphaned child was still running 30 s after its launcher died")
+    assert "Timeout" in err.read_text()  # faulthandler's dump: it was the deadline that ended it

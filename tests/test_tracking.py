@@ -315,14 +315,7 @@ def test_unreachable_probe() -> None:
     assert tracking.unreachable("not a url") is not None
 
 
-# ------------------------------------------------------------------ through the trainer, once it is wired
-def _trainer_tracks() -> bool:
-    import vae_dist.trainer
-
-    return hasattr(vae_dist.trainer, "start_tracker")
-
-
-@pytest.mark.skipif(not _trainer_tracks(), reason="vae_dist.trainer does not call start_tracker yet")
+# ------------------------------------------------------------------ through the trainer
 def test_a_short_offline_training_run_is_in_wandb_and_on_disk(tiny_overrides: list[str], tmp_path: Path) -> None:
     train_in_process(tiny_overrides + ["tracking.mode=offline"])
     run_dir = tmp_path / "run"

@@ -79,11 +79,13 @@ def test_train_examples_per_s_excludes_epoch_end_work(tiny_overrides: list[str],
     trainer = Trainer(load_config(None, tiny_overrides))
     clock = iter([1000.0, 1030.0])  # end_epoch starts at 1000 s and its work takes 30 s
     monkeypatch.setattr("vae_dist.trainer.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("vae_dist.metrics.time.perf_counter", lambda: next(clock))
     monkeypatch.setattr(trainer, "evaluate", lambda: {"elbo": 1.0, "recon": 0.5, "kl": 0.5, "loss": 1.0})
-    monkeypatch.setattr(trainer, "draw_figures", lambda: None)
-    trainer.window_start = (900.0, 0)
+    monkeypatch.setattr(trainer.metrics, "draw_figures", lambda model, step: None)
+    trainer.metrics.window_start = (900.0, 0)
     trainer.end_epoch()
-    assert trainer.window_start == (930.0, 0)
+    assert trainer.metrics.window_start == (930.0, 0)
+    trainer.close()
 
 
 def test_cli_runs_as_script_and_module(tiny_overrides: list[str], tmp_path: Path) -> None:
@@ -123,15 +125,41 @@ def test_figures_drawn_by_a_background_worker_are_complete_at_the_end(
     tiny_overrides: list[str], tmp_path: Path, monkeypatch
 ) -> None:
     """What a GPU run does (a worker process draws while training goes on), forced on the CPU."""
-    import vae_dist.trainer as trainer_mod
+    import vae_dist.metrics as metrics_mod
     from vae_dist.figures import FigureDrawer
 
     class InTheBackground(FigureDrawer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "background": True})
 
-    monkeypatch.setattr(trainer_mod, "FigureDrawer", InTheBackground)
+    monkeypatch.setattr(metrics_mod, "FigureDrawer", InTheBackground)
     trainer, _ = train_in_process(tiny_overrides)
     for name in ("recon.png", "prior.png", "manifold.png", "latent.png", "loss.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
-    assert trainer.figures is None  # the worker was waited for and stopped
+    assert trainer.metrics.figures is None  # the worker was waited for and stopped
+
+
+def test_what_a_run_says_about_where_and_how_far_it_trained(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """The device and processor once at the start and in the summary; `epoch` in every record counts
+    completed epochs (the last step of an epoch completes it); a run stopped inside an epoch says so
+    instead of "epoch 0"; a rerun of the finished run says it is finished and where its model is."""
+    from conftest import run_train
+
+    first = run_train([*tiny_overrides, "train.max_steps=3"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("training on cpu (") == 1 and "vae_dist run: device: cpu (" in first.stdout
+    assert "step 3 (3 of epoch 1's 8 steps)  test elbo" in first.stdout and "epoch 0  test elbo" not in first.stdout
+    done = run_train(tiny_overrides)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = MetricsFile(tmp_path / "run" / "metrics.jsonl").read()
+    assert [(r["epoch"], r["step"]) for r in records if r["split"] == "train" and r["step"] % 8 in (0, 6)] == [
+        (0, 6),
+        (1, 8),
+        (1, 14),
+        (2, 16),
+    ]
+    again = run_train(tiny_overrides)
+    assert again.returncode == 0, again.stderr[-2000:]
+    lines = again.stdout.strip().splitlines()
+    assert len(lines) == 1 and f"{tmp_path / 'run'} holds a finished run (16 optimizer steps)" in lines[0]
+    assert f"its model is {tmp_path / 'run' / 'model.safetensors'}" in lines[0]

@@ -31,21 +31,25 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vae_dist.config import ConfigError
 from vae_dist.files import pickle_kind, pickle_refusal
 from vae_dist.model import state_problems
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
+FORMAT = 2  # 2: data order from vae_dist.step.BatchPlan, lr from the step, logging-window rows
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 
 
@@ -177,7 +181,7 @@ def write_checkpoint(
                 if previous
                 else "and no earlier checkpoint exists. "
             )
-            + "Free disk space or point run.dir at a writable folder, then resume with train.resume=auto."
+            + "Free disk space or point run.dir at a writable folder, then rerun the same command to resume."
         ) from err
     prune(run_dir, keep)
     return final
@@ -230,6 +234,16 @@ class CheckpointWriter:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    def close(self) -> None:
+        """Finish the write in flight (a failure was reported by `failure`/`wait`, or the run is
+        failing anyway: not raised again) and stop the thread."""
+        try:
+            self.wait()
+        except CheckpointError:
+            pass
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -359,4 +373,187 @@ def check_model_shapes(expected: dict[str, torch.Tensor], found: dict[str, torch
         raise CheckpointError(
             f"{source} holds another architecture than this config builds ({'; '.join(problems)}). "
             "Use the model config the checkpoint was trained with (its config.json), or another run.dir."
+        )
+
+
+# ------------------------------------------------------------------ the manager
+class Stateful(Protocol):
+    """What a checkpoint holds of a component: `state_dict()` gives flat JSON-able values (state.json)
+    and tensors (this rank's, gathered over the ranks into trainer.safetensors); `load_state_dict`
+    gets the whole flat state with this rank's tensors (absent on another process count)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RNGState:
+    """The global torch RNG states of this rank. No training draw uses them (all noise is seeded by
+    step, vae_dist.step), so they are restored on the same process count only, for completeness."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng_cpu": torch.get_rng_state(), **({"rng_cuda": torch.cuda.get_rng_state()} if self.cuda else {})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rng_cpu" in state:
+            torch.set_rng_state(state["rng_cpu"].clone())
+        if self.cuda and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].clone())
+
+
+class CheckpointManager:
+    """When to save; save, resume and keep-k; the background writer and its failures.
+
+    What a checkpoint holds is declared once, in `states`: each component's own state_dict (the
+    training counters, the step's scaler and skip count, the logging window, the RNG), next to the
+    model's weights and the optimizer (through the step). Every method runs on every rank; the main
+    process writes. `agree(flag)` is True on every rank when it is on any (vae_dist.run.Run.any_rank);
+    `check(step)` is the health check a checkpoint must pass (it never holds diverged weights)."""
+
+    def __init__(self, cfg, accelerator, model, step_fn, states: dict[str, Stateful], agree: Callable, check: Callable):
+        self.cfg, self.acc, self.model, self.step_fn = cfg, accelerator, model, step_fn
+        self.states, self.agree, self.check = states, agree, check
+        self.run_dir = Path(cfg.run.dir)
+        self.writer = CheckpointWriter()
+        self.saved_step = 0  # the step of the newest checkpoint (0: none, nothing trained yet either)
+
+    # ---------------------------------------------------------------- when
+    def due(self, step: int, epochs_done: int | None = None) -> bool:
+        """Whether a checkpoint is due after optimizer step `step` (checkpoint.every_steps) or, given
+        `epochs_done` at an epoch's end, after that many (checkpoint.every_epochs; the last epoch is
+        saved by the end of training itself)."""
+        c = self.cfg.checkpoint
+        if epochs_done is None:
+            return bool(c.every_steps) and step % c.every_steps == 0
+        return bool(c.every_epochs) and epochs_done % c.every_epochs == 0 and epochs_done < self.cfg.train.epochs
+
+    # ---------------------------------------------------------------- save
+    def save(self, step: int) -> Path:
+        """All ranks: agree on health, gather the per-rank tensors; the main process snapshots the
+        state and writes it atomically in the background (CheckpointWriter), while training goes on."""
+        acc = self.acc
+        self.check_writer(wait=True)  # the previous save is on disk (or its failure stops every rank)
+        self.check(step)
+        state: dict[str, Any] = {}
+        for component in self.states.values():
+            state.update(component.state_dict())
+        per_rank = {k: state.pop(k) for k in [k for k, v in state.items() if torch.is_tensor(v)]}
+        per_rank = {k: acc.gather(v.to(acc.device)).reshape(acc.num_processes, -1).cpu() for k, v in per_rank.items()}
+        path = checkpoints_dir(self.run_dir) / f"{PREFIX}{step:08d}"
+        if acc.is_main_process:
+            import accelerate
+
+            import vae_dist
+
+            model = acc.unwrap_model(self.model)
+            state.update(
+                format=FORMAT,
+                num_processes=acc.num_processes,
+                config=self.cfg.to_dict(),
+                versions={
+                    "vae_dist": vae_dist.__version__,
+                    "torch": torch.__version__,
+                    "accelerate": accelerate.__version__,
+                    "python": sys.version.split()[0],
+                },
+            )
+            path = self.writer.submit(
+                self.run_dir,
+                step,
+                model_state=model.state_dict(),
+                model_config=model.config_dict,
+                optimizer_state=self.step_fn.optimizer_state(),
+                trainer_tensors=per_rank,
+                state=state,
+                keep=self.cfg.checkpoint.keep,
+            )
+        self.saved_step = step
+        return path
+
+    def save_at_stop(self, step: int) -> tuple[Path | None, str]:
+        """After a stop signal: save when a step ran since the last checkpoint, and wait until it is on
+        disk. Returns the checkpoint and what happened, in words."""
+        if step > self.saved_step:
+            path = self.save(step)
+            what = f"checkpoint saved to {path}"
+        elif step > 0:
+            path = checkpoints_dir(self.run_dir) / f"{PREFIX}{step:08d}"
+            what = f"no step ran since the checkpoint {path}"
+        else:
+            path, what = None, "no optimizer step had run, so there was nothing to save"
+        self.check_writer(wait=True)
+        return path, what
+
+    def check_writer(self, wait: bool) -> None:
+        """Raise on every rank when the main process's background save failed (`wait`: also for the
+        save in flight), so that no rank goes on into a collective the main process never joins."""
+        error = self.writer.failure(wait) if self.acc.is_main_process else None
+        if self.agree(error is not None):
+            raise error or CheckpointError(
+                "the main process could not write a checkpoint (its message names the file); this process stops too."
+            )
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def export(self) -> Path:
+        """model.safetensors + config.json in run.dir, loadable with VAE.from_pretrained(run.dir)."""
+        acc = self.acc
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            acc.unwrap_model(self.model).save_pretrained(self.run_dir)
+        acc.wait_for_everyone()
+        return self.run_dir / "model.safetensors"
+
+    # ---------------------------------------------------------------- resume
+    def resume(self) -> Path | None:
+        """Load train.resume (auto: the newest valid checkpoint in run.dir) into the model, the
+        optimizer and every component, on every rank; None when the run starts fresh."""
+        cfg, acc = self.cfg, self.acc
+        if cfg.train.resume == "none" and any(checkpoints_dir(self.run_dir).glob(f"{PREFIX}*")):
+            raise ConfigError(
+                f"train.resume=none but {checkpoints_dir(self.run_dir)} already holds checkpoints that a fresh run "
+                "would mix with its own; resume them with train.resume=auto, or choose a new run.dir."
+            )
+        with warnings.catch_warnings():
+            if not acc.is_main_process:
+                warnings.simplefilter("ignore")  # the main process reports skipped checkpoints once
+            path = resolve_resume(cfg.train.resume, self.run_dir)
+        if path is None:
+            return None
+        ckpt = load_checkpoint(path)
+        s = ckpt.state
+        check_same_batch(s, cfg.train.batch_size, path)
+        model = acc.unwrap_model(self.model)
+        check_model_shapes(model.state_dict(), ckpt.model, path / "model.safetensors")
+        model.load_state_dict(ckpt.model)
+        self.step_fn.load_optimizer(ckpt.optimizer)
+        if s.get("format", 1) < 2 and s["step_in_epoch"] > 0:
+            warnings.warn(
+                f"{path} was written by vae_dist before the batch plan of vae_dist.step (checkpoint format "
+                f"{s.get('format', 1)}): the rest of epoch {s['epoch'] + 1} follows the new data order, so "
+                "this resume is not bit-exact with the run that wrote it (every later epoch is complete).",
+                stacklevel=2,
+            )
+        # This rank's row of each per-rank tensor, where the process count is the checkpoint's.
+        mine = {k: v[acc.process_index] for k, v in ckpt.trainer.items() if v.shape[0] == acc.num_processes}
+        for component in self.states.values():
+            component.load_state_dict({**s, **mine})
+        self.saved_step = s["step"]
+        return path
+
+
+def check_same_batch(state: dict[str, Any], batch_size: int, path: Path) -> None:
+    """A resume keeps the global batch: with another, the rest of the epoch would take other examples
+    than the batch plan gave the steps already taken, and the step and epoch counts would no longer
+    agree. The process count and micro-batch may change (the numbers do not)."""
+    saved = state.get("config", {}).get("train", {}).get("batch_size")
+    if saved is not None and saved != batch_size:
+        raise ConfigError(
+            f"{path} was trained with train.batch_size={saved} (the global batch), and this run asks for "
+            f"train.batch_size={batch_size}; a resume keeps the global batch. Resume with train.batch_size={saved}, "
+            "or train with the new batch size in a new run.dir."
         )

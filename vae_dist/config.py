@@ -171,8 +171,9 @@ class TrainConfig:
             if msg:
                 out.append(f"train.{key}={getattr(self, key)}: {msg}.")
         if self.cuda_graphs == "on":
-            # fp16 needs GradScaler.step, which reads the inf check on the host every step (a sync a
-            # graph cannot hold); torch.compile brings graphs of its own (compile_mode=reduce-overhead).
+            # fp16 steps stay eager: with fused Adam GradScaler needs no host read, but no fp16 capture
+            # has run on a GPU yet (vae_dist.step); torch.compile brings graphs of its own
+            # (compile_mode=reduce-overhead).
             blockers = {
                 "train.precision=fp16": self.precision == "fp16",
                 "train.compile=true": self.compile,

@@ -13,8 +13,10 @@ default action (which kills the process with no checkpoint):
 A launcher killed by a supervisor: `accelerate launch` with one process exits at once on SIGTERM
 and leaves its training process running, reparented, with nobody to stop it (torchrun's agent, with
 several processes, forwards SIGTERM itself). So a process started by a launcher asks the kernel for
-SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG, Linux), and treats it like any stop signal. A
-process started from a shell does not: `nohup vae-train ... &` must outlive its shell.
+SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG, Linux), and treats it like any stop signal;
+and should it be hung where that signal's handler never runs, it exits ORPHAN_GRACE_S after its
+parent died (`watch_parent`). A process started from a shell does not: `nohup vae-train ... &` must
+outlive its shell.
 
 This module imports nothing heavy: it is installed before torch is imported.
 """
@@ -22,9 +24,12 @@ This module imports nothing heavy: it is installed before torch is imported.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -33,6 +38,10 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # launcher (ACCELERATE_USE_CPU, always) and torchrun (LOCAL_RANK, TORCHELASTIC_RUN_ID).
 LAUNCHER_VARIABLES = ("ACCELERATE_USE_CPU", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
 PARENT = os.getppid()  # read at import, before anything slow: the parent that started this process
+# Seconds an orphaned launcher child may take to stop (finish its step, save, end the run) before it
+# prints its threads' tracebacks and exits 1: a child hung where no signal handler runs never
+# outlives its launcher by more.
+ORPHAN_GRACE_S = 300.0
 
 
 class Stopped(BaseException):
@@ -67,6 +76,7 @@ class StopSignals:
             self._previous[s] = signal.signal(s, self._handle)
         if any(v in os.environ for v in LAUNCHER_VARIABLES):
             die_with_parent()
+            watch_parent()
         return self
 
     def defer(self) -> None:
@@ -88,6 +98,22 @@ class StopSignals:
             raise Stopped(signum)
         if first and self.on_first is not None:
             self.on_first(signum)
+
+
+def watch_parent(interval_s: float = 1.0) -> threading.Thread:
+    """A daemon thread that arms a deadline once this process's parent is gone: ORPHAN_GRACE_S later
+    the process prints every thread's traceback and exits 1, unless it ended by itself. The parent's
+    SIGTERM (die_with_parent) only runs its Python handler when the main thread returns to Python;
+    the deadline is a C thread (faulthandler) that needs neither, so a hung child cannot stay behind."""
+
+    def watch() -> None:
+        while os.getppid() == PARENT:
+            time.sleep(interval_s)
+        faulthandler.dump_traceback_later(ORPHAN_GRACE_S, exit=True)
+
+    thread = threading.Thread(target=watch, name="vae-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:

@@ -44,7 +44,14 @@ pitfalls it avoids (PyTorch's "CUDA Graphs" notes; Megatron-LM's full_cuda_graph
 - the first graphed step is checked against an eager step from the same state; a difference above
   `VERIFY_RTOL`, or any error while capturing, restores the state, warns once (`GraphWarning`,
   naming why) and trains on eagerly. Every rank agrees on the outcome.
-fp16 stays eager: `GradScaler.step` reads its inf check on the host every step.
+A capture that fails inside `torch.cuda.graph(...)` leaves the noise generator marked as capturing
+and may leave the capture stream current; both are undone (`_after_failed_capture`) before the
+eager steps go on with the numbers of train.cuda_graphs=off. The graph is freed before the process
+group at the end of a run (`release_graph`, vae_dist.run).
+fp16 steps stay eager (see the README's "On a GPU"): with fused Adam, `GradScaler` no longer reads
+its inf check on the host (the kernel skips the update itself, and the skip is counted on the
+device in `skipped`), so nothing in principle keeps fp16 from a capture, but that capture has not
+run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ import torch.distributed as dist
 from accelerate.utils import get_mixed_precision_context_manager
 
 from vae_dist.data import to_unit
-from vae_dist.model import loss_terms
+from vae_dist.model import VAE, loss_terms
 from vae_dist.streams import ORDER_STREAM, TERMS, TRAIN_STREAM, seed_for
 
 WARMUP_STEPS = 3  # eager steps before capture (PyTorch's whole-network example uses 3)
@@ -125,6 +132,32 @@ def prepare(accelerator, model, optimizer, graphs: bool):
         return accelerator.prepare(model, optimizer)
 
 
+def build_model_and_optimizer(cfg, accelerator, x_dim: int, graphs: bool):
+    """The VAE (the same initial weights on every rank and topology, from train.seed) and its Adam,
+    prepared by Accelerate (DDP on several processes) and compiled where train.compile asks.
+
+    Fused Adam (one kernel over all parameters) on CPU and CUDA: on the 2-core CPU it takes 0.5 ms a
+    step where the default per-tensor loop takes 1.2 ms and foreach 1.4 ms. On CUDA the learning rate
+    is a device tensor, which a graph reads at replay; eager steps use it too, so that a graphed run,
+    one that fell back to eager and train.cuda_graphs=off do the same arithmetic (the kernel rounds a
+    float32 tensor lr and a Python float differently). Adam is capturable only while capturing
+    (`TrainStep.capture`): torch warns that a capturable eager step is slower."""
+    dev = accelerator.device
+    torch.manual_seed(cfg.train.seed)
+    model = VAE(x_dim=x_dim, hidden_dims=cfg.model.hidden_dims, z_dim=cfg.model.z_dim).to(dev)
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=torch.tensor(cfg.optim.lr, device=dev) if dev.type == "cuda" else cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        fused=True,
+    )
+    model, optimizer = prepare(accelerator, model, optimizer, graphs)
+    if cfg.train.compile:
+        model = torch.compile(model, mode=cfg.train.compile_mode)
+    return model, optimizer
+
+
 class TrainStep:
     """One optimizer step, eager or replayed as one CUDA graph (see the module docstring).
 
@@ -154,6 +187,7 @@ class TrainStep:
         self.row = torch.zeros(1, dtype=torch.long, device=dev)  # next row of `rows`, for a graph
         self.used = 0  # rows written since the last reset_rows (the host's count)
         self.norm = torch.full((), math.nan, device=dev)
+        self.skipped = torch.zeros((), dtype=torch.long, device=dev)  # fp16 steps skipped for inf/NaN gradients
         self.lr = math.nan  # the learning rate last set (host float)
         # Graph state: capture is attempted after `warmup` eager steps from the start (or a resume).
         self.graphs = graphs
@@ -198,7 +232,12 @@ class TrainStep:
         if self.clip > 0:
             self.norm.copy_(acc.clip_grad_norm_(self.params, self.clip))
         if acc.scaler is not None:
+            before = acc.scaler._scale.clone()  # created by the first backward's scale()
             self.optimizer.step()  # GradScaler: unscale, skip on inf/NaN, update the scale
+            # GradScaler halves its scale exactly when it found inf/NaN gradients and the update was
+            # skipped: counted here on the device. Fused Adam skips inside its kernel
+            # (`_step_supports_amp_scaling`), so Accelerate's `optimizer_step_was_skipped` never sees it.
+            self.skipped.add_((acc.scaler._scale < before).long())
         else:
             self.inner.step()  # the wrapper only forwards here, at ~0.3 ms of host work a step on a CPU
         if self.graphs:  # a replay finds its row through a device counter
@@ -260,6 +299,24 @@ class TrainStep:
             return total_norm(grads)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
+    def release_graph(self) -> None:
+        """Free the captured graph, and with it the all-reduce DDP captured, before the process group
+        goes (vae_dist.run): NCCL cannot destroy a communicator a live graph holds."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.static_x = None, None
+
+    # ---------------------------------------------------------------- checkpoint contents
+    def state_dict(self) -> dict:
+        """The fp16 grad scaler and the skipped-step count (the optimizer: `optimizer_state`)."""
+        scaler = self.acc.scaler
+        return {"scaler": scaler.state_dict() if scaler is not None else None, "fp16_skipped": int(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.acc.scaler is not None and state["scaler"]:
+            self.acc.scaler.load_state_dict(state["scaler"])
+        self.skipped.fill_(state["fp16_skipped"])
+
     def optimizer_state(self) -> dict:
         """The optimizer's state dict with JSON-able param groups (a graph's lr is a device tensor)."""
         state = self.inner.state_dict()
@@ -269,7 +326,7 @@ class TrainStep:
         return state
 
     def load_optimizer(self, state: dict) -> None:
-        """Load an optimizer state dict, keeping this run's lr tensor and capturable flag."""
+        """Load an optimizer state dict, keeping this run's lr (a device tensor on CUDA) and capturable flag."""
         keep = [{"lr": g["lr"], "capturable": g.get("capturable", False)} for g in self.inner.param_groups]
         self.inner.load_state_dict(state)
         for group, mine in zip(self.inner.param_groups, keep):
@@ -298,7 +355,7 @@ class TrainStep:
         for p in self.params:
             out += [v for v in self.inner.state.get(p, {}).values() if torch.is_tensor(v)]
         out += [g["lr"] for g in self.inner.param_groups if torch.is_tensor(g["lr"])]
-        return out + [self.rows, self.row, self.norm]
+        return out + [self.rows, self.row, self.norm, self.skipped]
 
     def capture(self, step: int, x: torch.Tensor) -> bool:
         """Capture the step, replay it as step `step` and check it against the eager step from the same
@@ -310,6 +367,7 @@ class TrainStep:
         state = self._state()
         before, used = [t.clone() for t in state], self.used
         graph, expected = None, None
+        stream = torch.cuda.current_stream()
         why = self.blocker()
         if why is None:
             try:
@@ -322,12 +380,18 @@ class TrainStep:
                 with warnings.catch_warnings():  # torch >= 2.13 registers lazily and calls this deprecated
                     warnings.simplefilter("ignore")
                     graph.register_generator_state(self.noise)
+                # Capturable Adam only inside the capture: torch warns that an eager capturable step
+                # is slower, and fused Adam's arithmetic does not depend on the flag.
+                self._capturable(True)
                 # thread_local, as Megatron-LM and torchtitan capture: the tracker's and checkpoint
                 # writer's threads may call into CUDA meanwhile without invalidating the capture.
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.compute(self.static_x)
             except Exception as err:  # anything capture raises: the run trains on eagerly
                 why = f"capture failed ({_first_line(err)})"
+                self._after_failed_capture(stream)
+            finally:
+                self._capturable(False)
         why = self._agree(why)
         if why is None:
             try:
@@ -356,6 +420,21 @@ class TrainStep:
                 stacklevel=3,
             )
         return False
+
+    def _capturable(self, on: bool) -> None:
+        for group in self.inner.param_groups:
+            group["capturable"] = on
+
+    def _after_failed_capture(self, stream) -> None:
+        """What a capture that failed inside `torch.cuda.graph(...)` leaves behind, undone. In torch
+        2.11 `capture_begin` marks the registered generator as capturing and only a successful
+        `capture_end` clears the mark, so the next eager draw from it would raise: the noise comes
+        from a fresh generator (seeded per step as ever). And `torch.cuda.graph.__exit__` restores the
+        stream only after `capture_end`, which raises for an invalidated capture: the stream that was
+        current before is made current again. (The default CUDA generator may stay marked too; no
+        step, evaluation or figure draws from it.)"""
+        torch.cuda.set_stream(stream)
+        self.noise = torch.Generator(device=self.acc.device)
 
     def _agree(self, why: str | None) -> str | None:
         """Every rank replays, or none: one rank's failure is everyone's (its reason, or a note)."""

@@ -28,7 +28,7 @@ import gc  # noqa: E402
 
 EXIT_FAILED = 1  # training stopped: non-finite loss, or a checkpoint or file could not be written
 EXIT_BAD_INPUT = 2  # bad config, data, checkpoint or launch, or run.dir in use: nothing was trained
-EXIT_PREEMPTED = 75  # a signal (SIGTERM, SIGINT, SIGUSR1) stopped it after a checkpoint: resume with train.resume=auto
+EXIT_PREEMPTED = 75  # a signal (SIGTERM, SIGINT, SIGUSR1) stopped it after a checkpoint: rerun the same command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,11 +72,11 @@ def run(args: argparse.Namespace, signals) -> int:
     from vae_dist.checkpoint import CheckpointError
     from vae_dist.data import DataError
     from vae_dist.runlock import RunLocked
-    from vae_dist.trainer import LaunchError, Trainer
+    from vae_dist.trainer import LaunchError, MetricsFileError, Trainer
 
     try:
         trainer = Trainer(cfg, signals=signals, started=STARTED)
-    except (ConfigError, DataError, CheckpointError, LaunchError, RunLocked) as err:
+    except (ConfigError, DataError, CheckpointError, LaunchError, RunLocked, MetricsFileError) as err:
         print(f"vae-train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:

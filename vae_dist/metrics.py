@@ -1,0 +1,285 @@
+"""What a run reports: the logging window and its one host read, the health check, the train and test
+records (metrics.jsonl, the tracker, the console), the figures, and the summary at the end.
+
+The window: the steps since the last train record, whose loss sums the step left in device rows
+(`TrainStep.rows`). Every `tracking.log_every_steps` steps, `log_train` reduces those sums over the
+processes together with each step's finiteness, the gradient norm and the fp16 skip count, and
+reads the lot with one device-to-host copy: the only host sync of the interval.
+
+Rank discipline: every method runs on every rank (the reductions are collectives); only the main
+process writes files, prints (other ranks' Console is disabled) and talks to the tracker.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae_dist.checkpoint import resolve_resume
+from vae_dist.console import Console
+from vae_dist.figures import FigureDrawer
+from vae_dist.streams import TERMS
+from vae_dist.tracking import MetricsFile, Tracker, start_tracker
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/inf for train.max_nonfinite consecutive optimizer steps."""
+
+
+class MetricsFileError(ValueError):
+    """metrics.jsonl of a run being resumed is damaged (not a torn last line); the message names the line."""
+
+
+class Metrics:
+    """The logging window, health, records, tracker, figures and summary of one run (see the module docstring)."""
+
+    def __init__(self, cfg, accelerator, step_fn, run_dir: Path, test_images, test_labels, steps_per_epoch: int):
+        self.cfg, self.acc, self.step_fn = cfg, accelerator, step_fn
+        self.is_main = accelerator.is_main_process
+        self.run_dir = run_dir
+        self.file = MetricsFile(run_dir / "metrics.jsonl")
+        self.console = Console(enabled=self.is_main)
+        self.tracker = Tracker()
+        self.tracker_run_id: str | None = None
+        self.test_images, self.test_labels, self.steps_per_epoch = test_images, test_labels, steps_per_epoch
+        self.figures: FigureDrawer | None = None  # main process: from `start` to `close_figures`
+        self.best_test_elbo = math.inf
+        # The window: steps window_start[1] + 1 .. step, whose sums are rows of step_fn.rows; its clock
+        # window_start[0] measures training only (end_epoch moves it past evaluation and saving).
+        self.window_start = (time.perf_counter(), 0)
+        self.checked_step = 0  # steps up to this one passed the health check
+        self.nonfinite_run = 0  # consecutive non-finite steps up to checked_step
+
+    # ---------------------------------------------------------------- checkpoint contents
+    def state_dict(self) -> dict[str, Any]:
+        """The window and the run's records so far; `rows` is this rank's (per-rank in the checkpoint)."""
+        return {
+            "best_test_elbo": None if math.isinf(self.best_test_elbo) else self.best_test_elbo,
+            "window_start_step": self.window_start[1],
+            "log_every_steps": self.cfg.tracking.log_every_steps,  # rows per rank in trainer.safetensors
+            "nonfinite_run": self.nonfinite_run,
+            "tracker_run_id": self.tracker_run_id,
+            "rows": self.step_fn.rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the window of the checkpoint. It restarts empty on another process count or logging
+        interval (`rows` missing or of another size): only the train scalars of that one interval then
+        cover fewer steps."""
+        step, rows = state["step"], state.get("rows")
+        if rows is not None and rows.numel() == self.step_fn.rows.numel():
+            self.step_fn.rows.copy_(rows.view_as(self.step_fn.rows))
+            self.step_fn.reset_rows(used=step - state["window_start_step"])
+            self.window_start = (time.perf_counter(), state["window_start_step"])
+        else:
+            self.window_start = (time.perf_counter(), step)
+        self.best_test_elbo = math.inf if state["best_test_elbo"] is None else state["best_test_elbo"]
+        self.nonfinite_run, self.checked_step = state["nonfinite_run"], step
+        self.tracker_run_id = state["tracker_run_id"]
+
+    def keep_through(self, step: int) -> None:
+        """metrics.jsonl as a run continuing after `step` needs it (main process): the records a
+        resumed run will log again are dropped, and so is a torn last line (a process killed while
+        writing it), with one warning. Any other damage raises MetricsFileError naming the line."""
+        if not self.is_main:
+            return
+        try:
+            records, torn = self.file.read_checked()
+        except ValueError as err:
+            raise MetricsFileError(
+                f"{err} Repair or delete that line (or the file) to resume this run, or choose a new run.dir."
+            ) from None
+        if torn is not None:
+            warnings.warn(
+                f"{self.file.path}: dropped its last line, torn by a process that stopped while writing it "
+                f"({torn[:60]!r}); the steps it covered are logged again.",
+                stacklevel=2,
+            )
+        if torn is not None or any(r.get("step", 0) > step for r in records):
+            self.file.truncate_after(step)
+
+    # ---------------------------------------------------------------- start and end
+    def start(self, run_info: dict[str, Any], epoch: int, step_in_epoch: int) -> None:
+        """The tracker (a resumed run continues its W&B run), the figure worker and the progress bars;
+        one line saying what the run trains on."""
+        self.console.print(
+            f"training on {run_info['device']} ({run_info['processor']}), {run_info['num_processes']} process(es), "
+            f"precision {run_info['precision']}"
+        )
+        self.tracker = start_tracker(self.cfg, self.acc, self.run_dir, self.tracker_run_id, run_info)
+        self.tracker_run_id = self.tracker.run_id or self.tracker_run_id
+        if self.is_main:
+            self.figures = self.figure_drawer()
+        self.console.start(self.cfg.train.epochs, self.steps_per_epoch, epoch, step_in_epoch)
+
+    def figure_drawer(self) -> FigureDrawer:
+        """In place on a CPU run; on a GPU a worker process (started now, so that its imports overlap
+        the first epochs) draws while training goes on."""
+        return FigureDrawer(
+            self.test_images,
+            self.test_labels,
+            self.run_dir,
+            seed=self.cfg.train.seed,
+            steps_per_epoch=self.steps_per_epoch,
+            background=self.acc.device.type == "cuda",
+        )
+
+    def close_figures(self, step: int) -> None:
+        """Wait for the draws in flight (no half-written PNG), send them at `step`, stop the worker."""
+        self.log_figures(step, finish=True)
+
+    def close_tracker(self) -> None:
+        self.tracker.finish()
+
+    # ---------------------------------------------------------------- the window
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.tracking.log_every_steps == 0
+
+    def log_train(self, step: int, epoch: int, lr: float) -> None:
+        """Check health and write the train record of the window, with one host read (see the module docstring)."""
+        t_start, step_start = self.window_start
+        steps = step - step_start
+        examples = steps * self.step_fn.plan.micro * self.step_fn.plan.accum  # this rank's
+        rows = self.step_fn.rows[:steps]
+        first = self.checked_step - step_start
+        finite = torch.isfinite(rows[first:, 2:]).flatten().to(rows.dtype)  # [recon ok, kl ok] of unchecked steps
+        summed = self.acc.reduce(torch.cat([rows.sum(0), rows.new_tensor([examples]), finite]), reduction="sum")
+        # Identical on every rank (all-reduced gradients and scaler): read, not reduced.
+        same = torch.stack([self.step_fn.grad_norm().float(), self.step_fn.skipped.float()]).to(rows.dtype)
+        n = len(TERMS)
+        values = torch.cat([summed[:n] / summed[n], same, summed[n + 1 :]]).tolist()  # the interval's host read
+        self.check_health(step, [v == self.acc.num_processes for v in values[n + 2 :]])
+        record = {
+            "split": "train",
+            "epoch": epoch,
+            "step": step,
+            **dict(zip(TERMS, values[:n])),
+            "lr": lr,
+            "grad_norm": values[n],
+            "fp16_skipped_steps": int(values[n + 1]),
+            "examples_per_s": steps * self.cfg.train.batch_size / max(time.perf_counter() - t_start, 1e-9),
+        }
+        self.step_fn.reset_rows()
+        self.window_start = (time.perf_counter(), step)
+        if self.is_main:
+            self.file.write(record)
+            self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "split"}, step=step)
+        self.console.advance_steps(
+            steps, f"step {step}  elbo {record['elbo']:.2f}  {record['examples_per_s']:.0f} ex/s"
+        )
+
+    def check_before_save(self, step: int) -> None:
+        """The health check of the steps not yet checked, before a checkpoint (which never holds
+        diverged weights): agreed by every rank."""
+        first, last = self.checked_step - self.window_start[1], step - self.window_start[1]
+        if last == first:
+            return
+        ok = torch.isfinite(self.step_fn.rows[first:last, 2:]).int()
+        finite = (self.acc.reduce(ok, reduction="sum") == self.acc.num_processes).flatten().tolist()
+        self.check_health(step, finite)
+
+    def check_health(self, step: int, finite: list[bool]) -> None:
+        """Raise when the loss was non-finite for train.max_nonfinite consecutive steps. `finite`: for
+        each step after checked_step up to `step`, [recon ok, kl ok] flattened, agreed by every rank
+        (so that all ranks reach the same verdict, and none waits in a collective for one that raised)."""
+        for i in range(len(finite) // 2):
+            row = finite[2 * i : 2 * i + 2]
+            self.nonfinite_run = 0 if all(row) else self.nonfinite_run + 1
+            if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+                term = " and ".join(t for t, ok in zip(("recon", "kl"), row) if not ok)
+                last = resolve_resume("auto", self.run_dir) if self.run_dir.exists() else None
+                raise NonFiniteLossError(
+                    f"the training loss was not finite for {self.nonfinite_run} consecutive optimizer steps, up to "
+                    f"step {self.checked_step + i + 1} (non-finite term: {term}). The last good weights are in "
+                    f"{last or 'no checkpoint (none was saved yet)'}. Lower optim.lr, set optim.grad_clip, "
+                    "or train in train.precision=no or bf16."
+                )
+        self.checked_step = step
+
+    def pause_clock(self, since: float) -> None:
+        """Train examples/s measures training: its clock stops from `since` (evaluation, pictures, saving) to now."""
+        t_start, step_start = self.window_start
+        self.window_start = (t_start + time.perf_counter() - since, step_start)
+
+    # ---------------------------------------------------------------- test records and figures
+    def log_test(self, test: dict[str, float], step: int, epoch: int, step_in_epoch: int) -> None:
+        """The test record after `epoch` completed epochs and `step_in_epoch` steps of the next (a run
+        that stops inside an epoch, at train.max_steps, evaluates there)."""
+        self.best_test_elbo = min(self.best_test_elbo, test["elbo"])
+        record = {"split": "test", "epoch": epoch, "step": step, **test}
+        if self.is_main:
+            self.file.write(record)
+            self.tracker.log({f"test/{k}": v for k, v in record.items() if k != "split"}, step=step)
+        where = (
+            f"step {step} ({step_in_epoch} of epoch {epoch + 1}'s {self.steps_per_epoch} steps)"
+            if step_in_epoch
+            else f"epoch {epoch}"
+        )
+        self.console.end_epoch(
+            f"{where}  test elbo {test['elbo']:.2f}  (recon {test['recon']:.2f}, kl {test['kl']:.2f})"
+        )
+
+    def draw_figures(self, model: torch.nn.Module, step: int) -> None:
+        """PNGs in run.dir (reconstructions, prior samples, latent space, loss curves), sent to the
+        tracker: drawn in place on a CPU run, by a worker process while training goes on on a GPU."""
+        if not self.is_main:
+            return
+        if self.figures is None:
+            self.figures = self.figure_drawer()
+        self.figures.submit(model, self.file.read(), step)
+        self.log_figures(step)
+
+    def log_figures(self, step: int, finish: bool = False) -> None:
+        """Send the figures drawn so far to the tracker (W&B steps only go forward: at the current
+        step, captioned with the step they show); `finish` waits for the last ones and stops the worker."""
+        if self.figures is None:
+            return
+        done = self.figures.close() if finish else self.figures.collect()
+        for paths, drawn_at in done:
+            images = {k: v for k, v in paths.items() if k != "loss"}
+            self.tracker.log_images(images, step=step, drawn_at=drawn_at)
+        if finish:
+            self.figures = None
+
+    # ---------------------------------------------------------------- the end
+    def summary(
+        self, test: dict[str, float], *, step: int, start_step: int, times: dict, info: dict, describe: str
+    ) -> dict:
+        """The run's numbers and where its wall time went. `times`: started (the process's clock at its
+        start), loop (seconds), loop_end (clock), startup (phases); `info`: the device and processor."""
+        elapsed, loop_end = times["loop"], times["loop_end"]
+        return {
+            "final_test_elbo": test.get("elbo", math.nan),
+            "best_test_elbo": self.best_test_elbo,
+            "steps": step,
+            "seconds": elapsed,  # the training loop, epoch-end evaluation, pictures and checkpoints included
+            "examples_per_s": (step - start_step) * self.cfg.train.batch_size / max(elapsed, 1e-9),
+            "startup_seconds": loop_end - elapsed - times["started"],
+            "startup": dict(times["startup"]),
+            "final_seconds": time.perf_counter() - loop_end,  # final evaluation, checkpoint, export
+            "step": describe,
+            "device": f"{info['device']} ({info['processor']})",
+        }
+
+    def print_summary(self, s: dict) -> None:
+        """The summary as a table (main process)."""
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in s["startup"].items())
+        self.console.table(
+            "vae_dist run",
+            [
+                ("final test elbo", f"{s['final_test_elbo']:.2f} nats"),
+                ("best test elbo", f"{s['best_test_elbo']:.2f} nats"),
+                ("optimizer steps", f"{s['steps']} ({s['step']})"),
+                ("device", s["device"]),
+                ("start-up", f"{s['startup_seconds']:.1f} s ({phases})"),
+                ("training loop", f"{s['seconds']:.1f} s, evaluation, pictures and checkpoints included"),
+                ("after the loop", f"{s['final_seconds']:.1f} s (final evaluation, checkpoint, export)"),
+                ("throughput", f"{s['examples_per_s']:.0f} examples/s"),
+                ("run directory", str(self.run_dir)),
+            ],
+        )
