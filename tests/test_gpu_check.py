@@ -32,6 +32,34 @@ def test_each_step_gets_its_limit_within_the_budget(tmp_path: Path, monkeypatch)
     assert gpu_check.run("late", [sys.executable, "-c", "pass"], tmp_path, limit=30)["code"] == "not run"
 
 
+def test_a_step_that_runs_out_of_time_leaves_no_process_behind(tmp_path: Path, monkeypatch) -> None:
+    """A launcher-like step: a parent that starts a child which would outlive it; both are killed."""
+    import os
+
+    monkeypatch.setattr(gpu_check, "DEADLINE", [time.perf_counter() + 60])
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(120)"
+    )
+    r = gpu_check.run("hangs", [sys.executable, "-c", script], tmp_path, limit=6)
+    assert r["code"] == "timeout" and "its processes were killed" in r["stderr"]
+    child = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        # A killed child is a zombie until its parent (also killed) is reaped by init: gone from /proc soon.
+        if Path(f"/proc/{child}/stat").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step's child {child} outlived the step")
+
+
 def report(**changes) -> dict:
     """A report as main() builds it where every check ran and met its target."""
     ok = {

@@ -1,4 +1,4 @@
-"""The GPU check (issue 12): one command for a person with a GPU, in place, with the Python already there.
+"""The GPU check: one command for a person with a GPU, in place, with the Python already there.
 
     make gpu-check ARGS="--data-root /path/to/data"     # the folder holding MNIST/raw/
     python3 -m vae_dist.gpu_check --data-root ../shared/data --out gpu-check
@@ -10,7 +10,7 @@ It runs, from the repository root, each step in a subprocess with a time limit:
      (needs MNIST under --data-root; otherwise reported as not run);
   4. with 2 or more GPUs: 20 steps of 1 GPU x 100 against 2 GPUs x 50 (the same parameters, to
      1e-5), both real `accelerate launch` runs; with one GPU this check is reported, not required.
-Each step has its own time limit within an overall budget of BUDGET_S (the issue asks for a check
+Each step has its own time limit within an overall budget of BUDGET_S (a check is asked to finish
 under 8 minutes); a step that no longer fits is reported as not run. Then it prints a table and a
 verdict against the targets and writes --out/report.md, report.json, the logs and the reference
 run's pictures. Tracking is off (no wandb needed); no virtual environment, install or network.
@@ -23,10 +23,13 @@ time budget); 2: torch sees no CUDA device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,8 +41,9 @@ FLOOR_RATIO = 0.8  # toolkit / graph floor at batch 100
 REFERENCE_WALL_S = 20.0  # the 40-epoch reference experiment, process start to exit
 REFERENCE_ELBO = 138.0  # its final test -ELBO (nats)
 INVARIANCE_RTOL = 1e-5  # 1 x 100 vs 2 x 50
+EXIT_AFTER_LAST_STEP_S = 60.0  # a graphed 2-GPU run, from its export to its exit
 BENCH_STEPS = {100: 600, 1000: 120}  # timed steps per repeat: long enough for the graphed variants
-BUDGET_S = 470.0  # all steps together: under the issue's 8 minutes, with room for start-up and report
+BUDGET_S = 470.0  # all steps together: under 8 minutes of device time, with room for start-up and report
 LIMITS_S = {"tests": 200, "bench": 120, "reference": 90, "multi": 90}  # each run's own cap
 DEADLINE = [math.inf]  # time.perf_counter() by which every step must be done (set by main)
 
@@ -52,17 +56,41 @@ def run(name: str, cmd: list[str], out: Path, limit: float) -> dict:
         return {"code": "not run", "wall_s": 0.0, "stdout": "", "stderr": "the time budget was spent"}
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
+    # A session of its own: a step that runs out of time is killed with everything it started (a
+    # launcher's workers, a figure worker), so no process outlives the check.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as err:
-        stdout = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-        code, stderr = "timeout", f"stopped after {timeout:.0f} s (its limit within the budget)"
+        stdout, stderr = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        code, stderr = (
+            "timeout",
+            f"stopped after {timeout:.0f} s (its limit within the budget); its processes were killed",
+        )
     wall = time.perf_counter() - t0
+    ended = time.time()
     (out / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n{stdout}\n--- stderr ---\n{stderr}")
     tail = (stdout + stderr).strip().splitlines()[-12:]
     print("\n".join(f"   {line}" for line in tail), f"\n   ({wall:.1f} s, exit {code})", flush=True)
-    return {"code": code, "wall_s": wall, "stdout": stdout, "stderr": stderr}
+    return {"code": code, "wall_s": wall, "stdout": stdout, "stderr": stderr, "ended": ended}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: the 2-GPU run's rendezvous (29500 may be taken by another run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def last_line(r: dict) -> str:
@@ -160,7 +188,7 @@ def two_gpus(out: Path, data_root: str | None) -> dict:
     args = ["-m", "vae_dist.train", "--config", "configs/mnist.yaml", f"data.root={data}", "train.max_steps=20"]
     args += ["tracking.mode=off", "tracking.log_every_steps=10", "train.device=cuda"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
-    launch += ["--dynamo_backend", "no"]
+    launch += ["--dynamo_backend", "no", "--main_process_port", str(free_port())]
     runs = {
         "one_gpu": run(
             "gpus_1", [*launch, "--num_processes", "1", *args, f"run.dir={root / 'one'}"], out, LIMITS_S["multi"]
@@ -178,10 +206,18 @@ def two_gpus(out: Path, data_root: str | None) -> dict:
             (x.split("(", 1)[-1].rstrip(")") for x in r["stdout"].splitlines() if "optimizer steps" in x), ""
         )
     codes = [r["code"] for r in runs.values()]
+    exported = root / "two" / "model.safetensors"
+    if exported.exists():
+        # From the export (after the last step, evaluation and checkpoint) to the exit: the run's end,
+        # where a graph that still held NCCL's all-reduce would make the process group's destroy hang.
+        result["two_gpus"]["exit_after_export_s"] = round(runs["two_gpus"]["ended"] - exported.stat().st_mtime, 1)
     if codes == [0, 0]:
-        a, b = load_file(str(root / "two" / "model.safetensors")), load_file(str(root / "one" / "model.safetensors"))
+        a, b = load_file(str(exported)), load_file(str(root / "one" / "model.safetensors"))
         rel = max(((a[k].double() - b[k].double()).norm() / b[k].double().norm()).item() for k in b)
-        result.update(relative_difference=rel, status="pass" if rel <= INVARIANCE_RTOL else "fail")
+        slow_exit = result["two_gpus"]["exit_after_export_s"] > EXIT_AFTER_LAST_STEP_S
+        result.update(relative_difference=rel, status="pass" if rel <= INVARIANCE_RTOL and not slow_exit else "fail")
+        if slow_exit:
+            result["why"] = f"the 2-GPU run took {result['two_gpus']['exit_after_export_s']} s to exit after its export"
     else:
         result["status"] = "not run" if "not run" in codes else "fail"
         result["why"] = "; ".join(last_line(r) for r in runs.values() if r["code"] != 0)
@@ -245,14 +281,20 @@ def table(report: dict) -> str:
         lines += [f"|   {x} | | |" for x in ref["summary"]]
     g = report["two_gpus"]
     shown = g.get("why") if g["status"] == "not run" else {k: v for k, v in g.items() if k != "status"}
-    lines.append(f"| 2 GPUs: 1 x 100 vs 2 x 50, 20 steps | {g['status']}: {shown} | difference <= {INVARIANCE_RTOL} |")
+    lines.append(
+        f"| 2 GPUs: 1 x 100 vs 2 x 50, 20 steps | {g['status']}: {shown} | difference <= {INVARIANCE_RTOL}, "
+        f"exit <= {EXIT_AFTER_LAST_STEP_S:.0f} s after the export |"
+    )
     lines += ["", f"verdict: {report['verdict']}"]
     lines += [f"  missed: {m}" for m in report["misses"]] + [f"  not run: {m}" for m in report["not_run"]]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpu-check", description="Run the GPU checks of issue 12 and print a verdict.")
+    p = argparse.ArgumentParser(
+        prog="gpu-check",
+        description="Run the GPU checks (CUDA tests, benchmark, timed reference run, 2-GPU equivalence) and print a verdict.",
+    )
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (else random data; no reference run)")
     p.add_argument("--out", default="gpu-check", help="folder for the report, logs and pictures (default gpu-check)")
     p.add_argument("--skip", default="", help="comma-separated steps to skip: tests, bench, reference, multi")
