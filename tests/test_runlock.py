@@ -1,4 +1,4 @@
-"""One run per run.dir (vae_dist/runlock.py, issue 13), checked with real processes holding real locks.
+"""One run per run.dir (vae_dist/runlock.py), checked with real processes holding real locks.
 Run: .venv/bin/python -m pytest -q tests/test_runlock.py
 
 The holder is a separate Python process started with `sys.executable -c`; the contender is the test

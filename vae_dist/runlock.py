@@ -1,4 +1,4 @@
-"""One run per run.dir at a time (issue 13): an exclusive kernel lock on `<run.dir>/.lock`.
+"""One run per run.dir at a time: an exclusive kernel lock on `<run.dir>/.lock`.
 
 Without it, two runs started into the same run.dir (two shells, a job submitted twice) both exit 0
 with metrics.jsonl interleaved and their checkpoints mixed. The main process takes the lock before
