@@ -132,7 +132,11 @@ class Run:
         self.signals = signals or StopSignals()
         self.own_signals = False
         self.lock: RunLock | None = None
-        self.lock = self.on_main(lambda: lock_run_dir(self.dir))
+        try:
+            self.lock = self.on_main(lambda: lock_run_dir(self.dir))
+        except BaseException:  # refused (or stopped) before the run holds anything but its process group
+            accelerator.end_training()
+            raise
         if self.is_main:
             clear_stale_temps(self.dir)
         # The ranks agree on stop flags over a gloo group of their own: on NCCL no GPU stream waits for
