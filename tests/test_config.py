@@ -224,3 +224,43 @@ def test_learning_rate_schedule_is_a_function_of_the_step() -> None:
     s = load_config(None, ["optim.schedule=step", "optim.step_every=100", "optim.step_gamma=0.5"]).optim
     assert [s.lr_at(k, 1000) for k in (0, 99, 100, 250)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
     assert load_config(None, []).optim.lr_at(12345, 100) == 1e-3  # constant
+
+
+def test_iwae_paper_schedule_at_its_stage_boundaries() -> None:
+    """3,280 steps, one a paper epoch: stage i (lr 1e-3 * 10^(-i/7)) starts after (3^i - 1) / 2 epochs,
+    at 0, 1, 4, 13, 40, 121, 364 and 1093, and runs to the end at stage 7 (lr 1e-4)."""
+    optim = OptimConfig(schedule="iwae_paper", lr=1e-3)
+    starts = [(3**i - 1) // 2 for i in range(8)]
+    assert starts == [0, 1, 4, 13, 40, 121, 364, 1093]
+    for i, start in enumerate(starts):
+        assert optim.lr_at(start, 3280) == pytest.approx(1e-3 * 10 ** (-i / 7), rel=1e-12)
+        if start > 0:  # the step before is the last of stage i - 1
+            assert optim.lr_at(start - 1, 3280) == pytest.approx(1e-3 * 10 ** (-(i - 1) / 7), rel=1e-12)
+    assert optim.lr_at(3279, 3280) == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_iwae_paper_schedule_compresses_to_the_run() -> None:
+    """The stages keep their share of the run, 3^i / 3280: with 3280 epochs of 600 steps the paper's
+    epoch boundaries land on whole epochs; a run of 32,800 steps ends stage 0 after 10 steps; after
+    an lr warm-up the schedule starts where the warm-up ends."""
+    optim = OptimConfig(schedule="iwae_paper")
+    total = 3280 * 600
+    assert [optim.lr_at(s, total) for s in (599, 600)] == pytest.approx([1e-3, 1e-3 * 10 ** (-1 / 7)])
+    assert [optim.lr_at(s, total) for s in (1093 * 600 - 1, 1093 * 600)] == pytest.approx([1e-3 * 10 ** (-6 / 7), 1e-4])
+    assert [optim.lr_at(s, 32_800) for s in (9, 10)] == pytest.approx([1e-3, 1e-3 * 10 ** (-1 / 7)])
+    warm = OptimConfig(schedule="iwae_paper", warmup_steps=100)
+    assert warm.lr_at(99, 3380) == pytest.approx(1e-3)
+    assert [warm.lr_at(s, 3380) for s in (100, 101)] == pytest.approx([1e-3, 1e-3 * 10 ** (-1 / 7)])
+
+
+def test_recipe_keys_are_checked() -> None:
+    with pytest.raises(ConfigError, match="model.activation='gelu': must be one of relu, tanh"):
+        load_config(None, ["model.activation=gelu"])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.eps=0", "model.kl_warmup_steps=-1", "model.estimator=dreg"])
+    text = str(err.value)
+    for fragment in ("optim.eps=0.0: must be > 0", "model.kl_warmup_steps=-1", "model.estimator=dreg"):
+        assert fragment in text, fragment
+    cfg = load_config(REPO / "configs" / "iwae_paper_iwae.yaml", ["model.estimator=dreg"])
+    assert (cfg.model.activation, cfg.model.hidden_dims, cfg.model.z_dim) == ("tanh", [200, 200], 50)
+    assert (cfg.optim.eps, cfg.optim.schedule, cfg.train.batch_size, cfg.train.epochs) == (1e-4, "iwae_paper", 20, 3280)

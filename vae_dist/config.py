@@ -77,9 +77,22 @@ class ModelConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [512, 256])  # encoder widths; decoder mirrors
     objective: Literal["elbo", "iwae"] = "elbo"  # training bound: ELBO, or IWAE (Burda et al. 2016)
     k: int = 1  # importance samples per example for objective=iwae (elbo uses 1)
+    activation: Literal["relu", "tanh"] = "relu"  # hidden-layer nonlinearity (the IWAE paper's network: tanh)
+    # Gradient estimator: reparam (plain reparameterisation) | stl (sticking the landing, Roeder et al.
+    # 2017: q's parameters stopped in log q) | dreg (doubly reparameterised, Tucker et al. 2018; objective=iwae)
+    estimator: Literal["reparam", "stl", "dreg"] = "reparam"
+    init_output_bias: bool = False  # start the decoder's output bias at the logit of the training pixel means
+    kl_warmup_steps: int = 0  # optimizer steps over which the KL weight rises linearly from 0 to 1; 0 = off
 
     def problems(self) -> list[str]:
         out = []
+        if self.kl_warmup_steps < 0:
+            out.append(f"model.kl_warmup_steps={self.kl_warmup_steps}: must be an integer >= 0 (0 = no warm-up).")
+        if self.estimator == "dreg" and self.objective != "iwae":
+            out.append(
+                "model.estimator=dreg is an estimator of the IWAE bound's gradient; set model.objective=iwae, "
+                "or use model.estimator=stl for the ELBO (with k = 1 DReG is STL)."
+            )
         if self.z_dim < 1:
             out.append(f"model.z_dim={self.z_dim}: must be an integer >= 1 (the reference uses 2).")
         if not self.hidden_dims or any(h < 1 for h in self.hidden_dims):
@@ -92,14 +105,30 @@ class ModelConfig:
             out.append(f"model.k={self.k}: only objective=iwae uses k; set model.objective=iwae or model.k=1.")
         return out
 
+    def kl_weight_at(self, step: int) -> float:
+        """The weight of the KL term (of log p(z) - log q(z) under iwae) in the optimizer step after
+        `step` steps: step / kl_warmup_steps, 0 at the first step, 1 from step kl_warmup_steps on."""
+        if self.kl_warmup_steps == 0:
+            return 1.0
+        return min(1.0, step / self.kl_warmup_steps)
+
+
+# The IWAE paper's schedule (Burda et al. 2016, section 5): stage i = 0..7 runs 3^i epochs at
+# lr 1e-3 * 10^(-i/7), 3,280 epochs in all. optim.schedule=iwae_paper keeps each stage's share of
+# the run (3^i / 3280 of its steps after warm-up) and the lr ratios, whatever train.epochs is.
+PAPER_STAGES = 8
+PAPER_EPOCHS = (3**PAPER_STAGES - 1) // 2  # 3280
+
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # Adam peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam (beta1, beta2)
+    eps: float = 1e-8  # Adam's epsilon in the denominator (the IWAE paper: 1e-4)
     weight_decay: float = 0.0  # Adam L2 penalty
     grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
-    schedule: Literal["constant", "cosine", "step"] = "constant"  # learning rate after warm-up
+    # learning rate after warm-up; iwae_paper: lr * 10^(-i/7) for stage i = 0..7, stage i 3^i/3280 of the steps
+    schedule: Literal["constant", "cosine", "step", "iwae_paper"] = "constant"
     warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to lr
     step_every: int = 10000  # schedule=step: multiply lr by step_gamma every this many optimizer steps
     step_gamma: float = 0.5  # schedule=step: decay factor
@@ -109,6 +138,7 @@ class OptimConfig:
         out = []
         for key, msg in (
             ("lr", _check(self.lr, gt=0)),
+            ("eps", _check(self.eps, gt=0)),
             ("weight_decay", _check(self.weight_decay, ge=0)),
             ("grad_clip", _check(self.grad_clip, ge=0)),
             ("warmup_steps", _check(self.warmup_steps, ge=0)),
@@ -132,9 +162,23 @@ class OptimConfig:
             factor = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         elif self.schedule == "step":
             factor = self.step_gamma ** ((step - self.warmup_steps) // self.step_every)
+        elif self.schedule == "iwae_paper":
+            factor = 10 ** (-paper_stage(step - self.warmup_steps, total_steps - self.warmup_steps) / 7)
         else:
             factor = 1.0
         return self.lr * factor
+
+
+def paper_stage(step: int, steps: int) -> int:
+    """The stage 0..7 of the IWAE paper's schedule that optimizer step `step` (0-based) of `steps` falls
+    in. In the paper stage i ends after (3^(i+1) - 1) / 2 of the 3280 epochs; here after that share
+    of `steps`: stage i + 1 starts at the first step >= steps * (3^(i+1) - 1) / 6560 (integer
+    arithmetic, no rounding). With train.epochs=3280 the stages end after epochs 1, 4, 13, 40, 121,
+    364, 1093 and 3280, as in the paper."""
+    for i in range(PAPER_STAGES - 1):
+        if step * 2 * PAPER_EPOCHS < steps * (3 ** (i + 1) - 1):  # step < steps * (3^(i+1) - 1) / 6560
+            return i
+    return PAPER_STAGES - 1
 
 
 @dataclass

@@ -140,8 +140,10 @@ class Metrics:
     def should_log(self, step: int) -> bool:
         return step % self.cfg.tracking.log_every_steps == 0
 
-    def log_train(self, step: int, epoch: int, lr: float) -> None:
-        """Check health and write the train record of the window, with one host read (see the module docstring)."""
+    def log_train(self, step: int, epoch: int, lr: float, kl_weight: float = 1.0) -> None:
+        """Check health and write the train record of the window, with one host read (see the module docstring).
+        `lr` and `kl_weight` are those of the window's last step; `kl_weight` is recorded only when
+        model.kl_warmup_steps > 0 (the records of other runs stay as they were)."""
         t_start, step_start = self.window_start
         steps = step - step_start
         examples = steps * self.step_fn.plan.micro * self.step_fn.plan.accum  # this rank's
@@ -160,6 +162,7 @@ class Metrics:
             "step": step,
             **dict(zip(TERMS, values[:n])),
             "lr": lr,
+            **({"kl_weight": kl_weight} if self.cfg.model.kl_warmup_steps > 0 else {}),
             "grad_norm": values[n],
             "fp16_skipped_steps": int(values[n + 1]),
             "examples_per_s": steps * self.cfg.train.batch_size / max(time.perf_counter() - t_start, 1e-9),

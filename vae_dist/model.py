@@ -71,13 +71,27 @@ class ModelFileError(ValueError):
     file, or weights of another architecture. The message names the file and says what to do."""
 
 
-def _mlp(dims: list[int]) -> nn.Sequential:
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+# The decoder's output bias, when initialised from the data (VAE.init_output_bias), is the logit of
+# the training pixel means clipped to [OUTPUT_BIAS_CLIP, 1 - OUTPUT_BIAS_CLIP]: a pixel never on (or
+# always on) in the training split would otherwise start at -inf (+inf). logit(1e-3) = -6.9.
+OUTPUT_BIAS_CLIP = 1e-3
+
+
+def _mlp(dims: list[int], activation: str = "relu") -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(dims) - 2:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+def output_bias_from_data(pixel_means: torch.Tensor) -> torch.Tensor:
+    """logit(p) of the pixel means `p` [D] in [0, 1], clipped to [OUTPUT_BIAS_CLIP, 1 - OUTPUT_BIAS_CLIP]
+    (float64): the output bias with which a decoder whose other outputs are 0 predicts the mean pixel."""
+    p = pixel_means.double().clamp(OUTPUT_BIAS_CLIP, 1 - OUTPUT_BIAS_CLIP)
+    return torch.log(p) - torch.log1p(-p)
 
 
 class VAE(
@@ -85,15 +99,26 @@ class VAE(
 ):
     """encode / reparameterize / decode. `VAE.from_pretrained(dir)` loads an exported model."""
 
-    def __init__(self, x_dim: int = 784, hidden_dims: list[int] = (512, 256), z_dim: int = 2):
+    def __init__(self, x_dim: int = 784, hidden_dims: list[int] = (512, 256), z_dim: int = 2, activation: str = "relu"):
         super().__init__()
         hidden_dims = list(hidden_dims)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: must be one of {', '.join(ACTIVATIONS)}.")
         self.config_dict = {"x_dim": x_dim, "hidden_dims": hidden_dims, "z_dim": z_dim}
+        if activation != "relu":  # models saved before the key existed are ReLU networks; their files stay as they were
+            self.config_dict["activation"] = activation
         self.z_dim = z_dim
-        self.encoder = nn.Sequential(_mlp([x_dim, *hidden_dims]), nn.ReLU())
+        self.encoder = nn.Sequential(_mlp([x_dim, *hidden_dims], activation), ACTIVATIONS[activation]())
         self.mu = nn.Linear(hidden_dims[-1], z_dim)
         self.log_var = nn.Linear(hidden_dims[-1], z_dim)
-        self.decoder = _mlp([z_dim, *reversed(hidden_dims), x_dim])
+        self.decoder = _mlp([z_dim, *reversed(hidden_dims), x_dim], activation)
+
+    @torch.no_grad()
+    def init_output_bias(self, pixel_means: torch.Tensor) -> None:
+        """Start the decoder's output bias at the logit of the training pixel means (`output_bias_from_data`),
+        as the IWAE authors' code (yburda/iwae) does: the first steps then need not learn the mean image."""
+        bias = self.decoder[-1].bias
+        bias.copy_(output_bias_from_data(pixel_means).to(bias.dtype))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) parameters, in fp32 whatever the autocast dtype, so the KL and noise stay exact."""
@@ -112,11 +137,16 @@ class VAE(
         """Bernoulli logits over the pixels; apply sigmoid only to make pictures."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor, z_grad_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits of z = mu + sigma * eps: [B, k, D] for `eps` [B, k, z], [B, D] for one sample [B, z];
-        and q's (mu, log_var)."""
+        and q's (mu, log_var). `z_grad_scale` [B, k] (DReG, `loss_terms`): the gradient reaching each
+        z from the decoder is multiplied by it in the backward pass; it is filled after this forward."""
         mu, log_var = self.encode(x)
         z = self.reparameterize(mu, log_var, eps)
+        if z_grad_scale is not None:
+            z = ScaleGrad.apply(z, z_grad_scale)
         if z.dim() == 2:
             return self.decode(z), mu, log_var
         # The k samples are decoded as one [B * k, z] batch: a 2-D Linear is one addmm, where a 3-D
@@ -328,23 +358,60 @@ def gaussian_kl(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     return -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=-1)
 
 
-def log_weights(logits, x, z, mu, log_var) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k | x) for each of the k samples: [B, k]."""
+def log_weights(logits, x, z, mu, log_var, kl_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(x, z_k) - log q(z_k | x) for each of the k samples: [B, k]; with `kl_weight` b,
+    log p(x | z_k) + b (log p(z_k) - log q(z_k | x)) (KL warm-up)."""
     log_px_z = -bernoulli_nll(logits, x)
     log_pz = -0.5 * (z.float().pow(2) + LOG_2PI).sum(-1)
     eps_sq = (z.float() - mu.unsqueeze(1)).pow(2) / log_var.exp().unsqueeze(1)
     log_qz = -0.5 * (eps_sq + log_var.unsqueeze(1) + LOG_2PI).sum(-1)
+    if kl_weight is not None:
+        return log_px_z + kl_weight * (log_pz - log_qz)
     return log_px_z + log_pz - log_qz
 
 
+class ScaleGrad(torch.autograd.Function):
+    """z -> z in the forward pass; in the backward the gradient is multiplied by `scale`, a tensor of
+    z's leading shape [B, k] that the caller fills in place after the forward (DReG's weights depend on
+    the decoder's output). `scale` is held as an attribute, not saved for backward, so that filling it
+    is no in-place error; both passes are device kernels only, which a CUDA graph captures."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.scale = scale
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale.unsqueeze(-1).to(grad.dtype), None
+
+
 def loss_terms(
-    model: torch.nn.Module, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo"
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    objective: str = "elbo",
+    estimator: str = "reparam",
+    kl_weight: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-example terms [B], in nats: `loss` (what is minimised), `elbo` (= -ELBO), `recon`, `kl`.
 
     elbo: recon averaged over the k samples + analytic KL (k = 1 is the reference loss).
     iwae: -log (1/k) sum_k w_k, the importance-weighted bound; recon and kl are still reported.
+    `kl_weight` (a 0-dim device tensor, KL warm-up; None = 1, and no multiply): the loss weighs the KL
+    (elbo), or log p(z) - log q(z) inside each log weight (iwae, as nbip/IWAE anneals it); `elbo`,
+    `recon` and `kl` stay the true terms.
+    `estimator` changes the gradient of `loss`, never the true terms:
+    - reparam: the plain reparameterisation gradient of the loss above;
+    - stl (Roeder et al. 2017, "Sticking the landing"): q's mu and log sigma^2 stopped inside log q, so
+      the encoder gets the path derivative only; the KL of the elbo objective is then the single-sample
+      estimate log q(z) - log p(z), and `loss` its value;
+    - dreg (Tucker et al. 2018, eq. 7; objective iwae): the decoder's gradient is IWAE's, the encoder's
+      sum_k w~_k^2 d log w_k / dz_k dz_k/dphi with q's parameters stopped inside log q (w~: normalised
+      weights); `loss` keeps the IWAE bound's value.
     """
+    if estimator != "reparam":
+        return _path_loss_terms(model, x, eps, objective, estimator, kl_weight)
     # The reference loss (elbo, k = 1), every default run's hot path, runs in 2-D: the same numbers
     # without the [B, 1, ...] views' forward and backward nodes (~0.1 ms a step on a 2-core CPU).
     one = objective == "elbo" and eps.shape[1] == 1
@@ -355,8 +422,40 @@ def loss_terms(
     terms["elbo"] = terms["recon"] + kl
     if objective == "iwae":
         z = VAE.reparameterize(mu, log_var, eps)  # the z forward() decoded: same inputs, same values
-        lw = log_weights(logits, x, z, mu, log_var)
+        lw = log_weights(logits, x, z, mu, log_var, kl_weight)
         terms["loss"] = -(torch.logsumexp(lw, dim=1) - math.log(lw.shape[1]))
+    elif kl_weight is not None:
+        terms["loss"] = terms["recon"] + kl_weight * kl
     else:
         terms["loss"] = terms["elbo"]
+    return terms
+
+
+def _path_loss_terms(model, x, eps, objective, estimator, kl_weight) -> dict[str, torch.Tensor]:
+    """loss_terms for estimator=stl and dreg (see there): always in [B, k, ...] form."""
+    if eps.dim() == 2:
+        eps = eps.unsqueeze(1)
+    dreg = estimator == "dreg"
+    # DReG's per-sample weights w~_k, known after the decoder ran: filled below, read by the backward.
+    scale = eps.new_empty(eps.shape[:2], dtype=torch.float32) if dreg else None
+    logits, mu, log_var = model(x, eps, scale)  # through forward(), so a DDP wrapper sees it
+    recon = bernoulli_nll(logits, x)  # [B, k]
+    kl = gaussian_kl(mu, log_var)
+    terms = {"recon": recon.mean(1), "kl": kl}
+    terms["elbo"] = terms["recon"] + kl
+    z = VAE.reparameterize(mu, log_var, eps)  # the z forward() decoded, with the same gradient paths
+    if dreg:
+        z = ScaleGrad.apply(z, scale)
+    lw = log_weights(logits, x, z, mu.detach(), log_var.detach(), kl_weight)  # [B, k]: q's parameters stopped
+    if objective == "elbo":  # k = 1 (the config allows no other): the single-sample -ELBO
+        terms["loss"] = -lw[:, 0]
+        return terms
+    bound = -(torch.logsumexp(lw, dim=1) - math.log(lw.shape[1]))
+    if not dreg:
+        terms["loss"] = bound
+        return terms
+    w = torch.softmax(lw.detach(), dim=1)  # w~_k
+    scale.copy_(w)  # z's gradient from every term of log w_k gets a second factor w~_k
+    surrogate = -(w * lw).sum(1)  # gradient: -sum_k w~_k d log w_k, the decoder's as IWAE's
+    terms["loss"] = bound.detach() + (surrogate - surrogate.detach())  # the bound's value, DReG's gradient
     return terms

@@ -132,9 +132,13 @@ def prepare(accelerator, model, optimizer, graphs: bool):
         return accelerator.prepare(model, optimizer)
 
 
-def build_model_and_optimizer(cfg, accelerator, x_dim: int, graphs: bool):
+def build_model_and_optimizer(cfg, accelerator, x_dim: int, graphs: bool, pixel_means: torch.Tensor | None = None):
     """The VAE (the same initial weights on every rank and topology, from train.seed) and its Adam,
     prepared by Accelerate (DDP on several processes) and compiled where train.compile asks.
+
+    With model.init_output_bias the decoder's output bias starts at the logit of `pixel_means` [784],
+    the training split's mean pixels: every rank holds the whole split and computes them alike
+    (`pixel_means`), so the initial weights stay the same on every rank.
 
     Fused Adam (one kernel over all parameters) on CPU and CUDA: on the 2-core CPU it takes 0.5 ms a
     step where the default per-tensor loop takes 1.2 ms and foreach 1.4 ms. On CUDA the learning rate
@@ -144,11 +148,18 @@ def build_model_and_optimizer(cfg, accelerator, x_dim: int, graphs: bool):
     (`TrainStep.capture`): torch warns that a capturable eager step is slower."""
     dev = accelerator.device
     torch.manual_seed(cfg.train.seed)
-    model = VAE(x_dim=x_dim, hidden_dims=cfg.model.hidden_dims, z_dim=cfg.model.z_dim).to(dev)
+    arch = {"activation": cfg.model.activation} if cfg.model.activation != "relu" else {}
+    model = VAE(x_dim=x_dim, hidden_dims=cfg.model.hidden_dims, z_dim=cfg.model.z_dim, **arch)
+    if cfg.model.init_output_bias:
+        if pixel_means is None:
+            raise ValueError("model.init_output_bias needs the training split's pixel means (pixel_means).")
+        model.init_output_bias(pixel_means)
+    model = model.to(dev)
     optimizer = torch.optim.Adam(
         model.parameters(),
         lr=torch.tensor(cfg.optim.lr, device=dev) if dev.type == "cuda" else cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
         fused=True,
     )
@@ -156,6 +167,12 @@ def build_model_and_optimizer(cfg, accelerator, x_dim: int, graphs: bool):
     if cfg.train.compile:
         model = torch.compile(model, mode=cfg.train.compile_mode)
     return model, optimizer
+
+
+def pixel_means(images: torch.Tensor) -> torch.Tensor:
+    """Mean of each pixel over a split, in [0, 1] (float64 [D]) from uint8 [N, D] (0..255, or 0/255 when
+    binarized). Under dynamic binarization the expected binary pixel is the grayscale mean: the same."""
+    return images.double().mean(0) / 255
 
 
 class TrainStep:
@@ -176,6 +193,7 @@ class TrainStep:
         self.plan = plan
         self.seed = cfg.train.seed
         self.objective, self.k, self.z_dim = cfg.model.objective, cfg.model.k, cfg.model.z_dim
+        self.estimator = cfg.model.estimator
         self.dynamic = cfg.data.binarize == "dynamic"
         self.clip = cfg.optim.grad_clip
         # Accelerate's autocast context (torch.autocast, or nothing in fp32), built once and re-entered
@@ -189,6 +207,11 @@ class TrainStep:
         self.norm = torch.full((), math.nan, device=dev)
         self.skipped = torch.zeros((), dtype=torch.long, device=dev)  # fp16 steps skipped for inf/NaN gradients
         self.lr = math.nan  # the learning rate last set (host float)
+        # KL warm-up (model.kl_warmup_steps): the weight of the KL in the loss, a device tensor the host
+        # fills before each step (`set_kl_weight`) and a graph reads at replay, like the lr. None without
+        # warm-up: the weight is 1 and the loss has no multiply.
+        self.kl_weight = torch.ones((), device=dev) if cfg.model.kl_warmup_steps > 0 else None
+        self.kl_weight_value = 1.0  # the weight last set (host float)
         # Graph state: capture is attempted after `warmup` eager steps from the start (or a resume).
         self.graphs = graphs
         self.warmup = WARMUP_STEPS_DDP if accelerator.num_processes > 1 else WARMUP_STEPS
@@ -225,7 +248,7 @@ class TrainStep:
             # DDP all-reduces after the last micro-batch only.
             with acc.no_sync(self.model) if m < plan.accum - 1 else contextlib.nullcontext():
                 with self.autocast:
-                    terms = loss_terms(self.model, xm, eps[m], self.objective)
+                    terms = loss_terms(self.model, xm, eps[m], self.objective, self.estimator, self.kl_weight)
                 acc.backward(terms["loss"].mean())  # divides by the accumulation steps
             sums = torch.stack([terms[t].detach() for t in TERMS], 1).sum(0)
             total = sums if total is None else total + sums
@@ -272,6 +295,14 @@ class TrainStep:
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
+
+    def set_kl_weight(self, weight: float) -> None:
+        """The KL weight of the next steps (model.kl_warmup_steps), written into the device tensor that
+        the loss (and a captured graph) reads; nothing to do without warm-up."""
+        if self.kl_weight is None or weight == self.kl_weight_value:
+            return
+        self.kl_weight_value = weight
+        self.kl_weight.fill_(weight)
 
     def describe(self) -> str:
         """How the steps run: "one CUDA graph", or "eager" (and why, when graphs were asked for)."""

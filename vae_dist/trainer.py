@@ -25,7 +25,7 @@ from vae_dist.metrics import Metrics, MetricsFileError, NonFiniteLossError
 from vae_dist.processes import LaunchError
 from vae_dist.run import Run
 from vae_dist.signals import StopSignals, signal_name
-from vae_dist.step import BatchPlan, TrainStep, build_model_and_optimizer, wants_graphs
+from vae_dist.step import BatchPlan, TrainStep, build_model_and_optimizer, pixel_means, wants_graphs
 
 
 class Trainer:
@@ -75,7 +75,8 @@ class Trainer:
 
         clock = time.perf_counter()
         graphs = wants_graphs(cfg.train.cuda_graphs, dev, cfg.train.precision, cfg.train.compile)
-        self.model, self.optimizer = build_model_and_optimizer(cfg, acc, train.images.shape[1], graphs)
+        means = pixel_means(train.images) if cfg.model.init_output_bias else None  # the split every rank holds
+        self.model, self.optimizer = build_model_and_optimizer(cfg, acc, train.images.shape[1], graphs, means)
         P = acc.num_processes
         self.plan = BatchPlan(
             len(train), cfg.train.batch_size, self.micro, self.accum, acc.process_index, P, cfg.train.seed, dev
@@ -180,6 +181,7 @@ class Trainer:
         batches = self.step_fn.epoch_batches(self.plan.epoch(self.epoch))  # this rank's pixels, the whole epoch
         for s in range(self.step_in_epoch, self.steps_per_epoch):
             self.step_fn.set_lr(self.cfg.optim.lr_at(self.step, self.total_steps))
+            self.step_fn.set_kl_weight(self.cfg.model.kl_weight_at(self.step))
             self.step_fn.run(self.step, batches[s])
             self.after_optimizer_step()
             yield
@@ -189,7 +191,12 @@ class Trainer:
         self.step_in_epoch += 1
         if self.metrics.should_log(self.step):
             completed = self.epoch + (self.step_in_epoch == self.steps_per_epoch)  # an epoch's last step completes it
-            self.metrics.log_train(self.step, completed, self.cfg.optim.lr_at(self.step - 1, self.total_steps))
+            self.metrics.log_train(
+                self.step,
+                completed,
+                self.cfg.optim.lr_at(self.step - 1, self.total_steps),
+                self.cfg.model.kl_weight_at(self.step - 1),
+            )
             self.checkpoints.check_writer(wait=False)  # a failed background save stops the run now
             self.metrics.log_figures(self.step)  # figures a worker finished meanwhile
         if self.checkpoints.due(self.step):
