@@ -49,10 +49,22 @@ def test_three_process_evaluation_equals_single_process(tiny_overrides: list[str
             assert rank["eval"][term] == pytest.approx(value, rel=1e-6), term
 
 
-def test_topology_invariance(tiny_overrides: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        [],
+        # DReG on the IWAE bound, with the KL weight rising over the first 5 steps
+        ["model.objective=iwae", "model.k=3", "model.estimator=dreg", "model.kl_warmup_steps=5"],
+        # STL on the ELBO, the paper's tanh network with its output bias from the data
+        ["model.estimator=stl", "model.activation=tanh", "model.init_output_bias=true"],
+    ],
+    ids=["reparam", "dreg-iwae-warmup", "stl-tanh-bias"],
+)
+def test_topology_invariance(tiny_overrides: list[str], tmp_path: Path, recipe: list[str]) -> None:
     """1 process x micro 100; 2 processes x micro 50; 1 process x micro 50 x 2 accumulation steps:
-    the same parameters after the same 8 optimizer steps, to 1e-5 relative (fp32)."""
-    base = tiny_overrides + ["train.batch_size=100", "train.epochs=2", "tracking.log_every_steps=4"]
+    the same parameters after the same 8 optimizer steps, to 1e-5 relative (fp32), for each gradient
+    estimator and recipe feature."""
+    base = tiny_overrides + ["train.batch_size=100", "train.epochs=2", "tracking.log_every_steps=4", *recipe]
     runs = {
         "1x100": (1, ["train.micro_batch_size=100"]),
         "2x50": (2, ["train.micro_batch_size=50"]),
