@@ -73,11 +73,16 @@ def test_the_cpu_plan_gives_each_process_its_share_of_the_cores(monkeypatch: pyt
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(seeds_module, "usable_cores", lambda: 8)
     cfg = load_config(None, ["run.dir=runs/sweep"])
-    runs, slots = plan(cfg, [0, 1, 2, 3], 4, [])
+    runs, slots = plan(cfg, [0, 1, 2, 3], None, [])  # by default the seeds share the cores
     assert len(slots) == 4 and all("train.cpu_threads=2" in r.overrides for r in runs)
     assert all(r.env["OMP_NUM_THREADS"] == "2" for r in runs)
-    runs, slots = plan(cfg, [0, 1, 2], None, ["train.cpu_threads=3"])  # the user's choice stands
-    assert len(slots) == 1 and not any("train.cpu_threads=2" in o for r in runs for o in r.overrides)
+    runs, slots = plan(cfg, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], None, [])  # one per core, the rest wait
+    assert len(slots) == 8 and "train.cpu_threads=1" in runs[0].overrides
+    runs, slots = plan(cfg, [0, 1, 2], 1, [])  # --parallel 1: one after another, all cores each
+    assert slots == ["CPU (all cores)"] and "train.cpu_threads=8" in runs[0].overrides
+    chosen = load_config(None, ["run.dir=runs/sweep", "train.cpu_threads=3"])
+    runs, slots = plan(chosen, [0, 1, 2], None, ["train.cpu_threads=3"])  # the user's threads stand: 8 // 3 at once
+    assert len(slots) == 2 and not any(o == "train.cpu_threads=2" for r in runs for o in r.overrides)
     assert seed_overrides(cfg, 4) == ["train.seed=4", "run.dir=runs/sweep/seed-4", "tracking.group=sweep"]
     assert "tracking.group=sweep" not in seed_overrides(load_config(None, ["tracking.group=mine"]), 4)
 

@@ -90,8 +90,8 @@ def oversubscribed(threads: int, local_processes: int = 1) -> str | None:
         return (
             f"{others} threads of other processes are running on this machine's {total} cores, and this run "
             f"takes {threads * local_processes} more, so the cores are oversubscribed and every run on them slows "
-            "down many times over; run one after another (vae-seeds does by default on a CPU), or give each run "
-            "its share with train.cpu_threads."
+            "down many times over; give each run its share with train.cpu_threads (vae-seeds does), or run them "
+            "one after another."
         )
     return None
 

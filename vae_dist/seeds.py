@@ -13,10 +13,11 @@ every seed from its newest checkpoint (train.resume=auto); a finished seed only 
 Where the seeds run:
 - GPUs: one seed per GPU at once (CUDA_VISIBLE_DEVICES=<that GPU> for its process), the next seed on
   the first GPU that frees up. The GPUs are those CUDA_VISIBLE_DEVICES lists, else all torch sees.
-- CPU: one seed after another, each with all usable cores, by default (`--parallel 1`): measured
-  faster than sharing the cores (see CPU_SHARING_MEASURED). `--parallel K` runs K at once, each
-  with its share of the cores (`train.cpu_threads` = cores / K, unless set) so that the torch
-  threads of K processes never oversubscribe the cores.
+- CPU: the seeds share the cores: as many at once as there are usable cores (or cores /
+  train.cpu_threads when that is set), each with its share, `train.cpu_threads` = cores / K, so the
+  torch threads of the K processes never oversubscribe the cores; the next seed starts when one
+  ends. Measured faster than one after another with all cores each (see plan()).
+  `--parallel 1` runs them one after another.
 
 Exit codes: 0 every seed finished; 1 a seed did not finish (the summary names each, with its exit
 code and last error line); 2 bad input (config, options), nothing started; 75 stopped by SIGTERM,
@@ -47,9 +48,6 @@ TRAIN_EXITS = {
     2: "refused its input (nothing trained)",
     75: "stopped by a signal after a checkpoint: rerun to resume",
 }
-# On the 2-core CPU machine, 2 seeds of configs/mnist.yaml with train.epochs=2 took X s one after
-# another (2 threads each) and Y s side by side (1 thread each): see README, "Seeds".
-CPU_SHARING_MEASURED = None
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -117,20 +115,24 @@ def usable_cores() -> int:
 def plan(cfg: Config, seeds: list[int], parallel: int | None, overrides: list[str]) -> tuple[list[Seed], list[str]]:
     """The runs, and the slots they run in: a GPU each, or a share of the CPU cores."""
     gpus = [] if cfg.train.device == "cpu" else visible_gpus()
-    user_threads = any(o.startswith("train.cpu_threads=") for o in overrides) or cfg.train.cpu_threads is not None
     shared = [o for o in overrides if not o.startswith("run.dir=")]  # each seed gets its own, below
     runs = [Seed(s, Path(cfg.run.dir) / f"seed-{s}", [*shared, *seed_overrides(cfg, s)]) for s in seeds]
     if gpus:
         width = parallel or len(gpus)
         slots = [gpus[i % len(gpus)] for i in range(width)]
         return runs, [f"GPU {g}" for g in slots]
-    width = min(parallel or 1, len(runs))
-    cores = usable_cores()
-    threads = max(1, cores // width)
-    share = "all cores" if width == 1 else f"{threads} of {cores} cores"
+    cores, chosen = usable_cores(), cfg.train.cpu_threads
+    # Sharing the cores finished sooner than one seed after another. On the 2-core VM, 2 seeds of
+    # configs/mnist.yaml with train.epochs=2, 8 alternating repetitions on a machine other work
+    # shared: side by side (1 thread each) 20.1 and 23.5 s with nothing else running, 33.1 and 36.6 s
+    # beside one other busy thread; one after another (2 threads each) 87.6 s beside one other busy
+    # thread, 169-266 s beside more: 2 threads and anything else oversubscribe 2 cores.
+    width = min(parallel or max(1, cores // (chosen or 1)), len(runs))
+    threads = chosen or max(1, cores // width)
+    share = "all cores" if width == 1 and threads >= cores else f"{threads} of {cores} cores"
     for run in runs:
         run.env = {"CUDA_VISIBLE_DEVICES": ""} if cfg.train.device == "cpu" else {}
-        if not user_threads:
+        if chosen is None:
             run.overrides.append(f"train.cpu_threads={threads}")
             run.env["OMP_NUM_THREADS"] = str(threads)  # also any OpenMP pool started before torch's setting
     return runs, [f"CPU {i} ({share})" if width > 1 else f"CPU ({share})" for i in range(width)]
@@ -218,7 +220,7 @@ def summary(runs: list[Seed], seconds: float) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="vae-seeds",
-        description="Train N seeds of one experiment on this machine: one per GPU at once, or on a CPU one after another.",
+        description="Train N seeds of one experiment on this machine: one per GPU at once, or sharing the CPU cores.",
         epilog="Example: vae-seeds --config configs/mnist.yaml --seeds 5 data.root=../shared/data; then vae-results runs/mnist",
     )
     parser.add_argument("--config", default=None, help="YAML file in configs/ (default: built-in defaults)")
@@ -233,7 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--parallel",
         type=int,
         default=None,
-        help="seeds at once (default: one per GPU; on a CPU 1, each with all cores; K > 1 gives each cores / K threads)",
+        help="seeds at once (default: one per GPU; on a CPU one per core, each process with cores / K threads; "
+        "1: one after another)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print each seed's command, run nothing")
     parser.add_argument(
