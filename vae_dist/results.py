@@ -275,8 +275,10 @@ def group_runs(runs: list[Run]) -> tuple[list[dict[str, Any]], list[Run]]:
     for run in finished:
         groups.setdefault(run.group_key(), []).append(run)
     keys = [json.loads(k)[1] for k in groups]
-    # What sets a group apart: the keys whose values are not the same in every group.
-    varying = sorted({k for cfg in keys for k in cfg if any(other.get(k) != cfg.get(k) for other in keys)})
+    # What sets a group apart: the keys whose values are not the same in every group of vae-train runs
+    # (the original script's output has no config to compare).
+    configs = [cfg for key, cfg in zip(groups, keys) if json.loads(key)[0] != ORIGINAL]
+    varying = sorted({k for cfg in configs for k in cfg if any(other.get(k) != cfg.get(k) for other in configs)})
     rows = []
     for members, cfg in zip(groups.values(), keys):
         members.sort(key=lambda r: (r.seed is None, r.seed, str(r.path)))
