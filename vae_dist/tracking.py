@@ -277,8 +277,8 @@ def start_tracker(
     accelerator must have been built with `log_with=log_with(cfg.tracking)`."""
     if not accelerator.is_main_process:
         return Tracker()
-    runtime = write_runtime(Path(run_dir), accelerator.device, run_info)
     try:
+        runtime = write_runtime(Path(run_dir), accelerator.device, run_info)
         return _open(cfg, accelerator, Path(run_dir), run_id, runtime)
     except Exception as err:  # anything unforeseen (wandb missing, a broken install, ...): no W&B, training goes on
         _detach(accelerator)
