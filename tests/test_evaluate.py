@@ -3,6 +3,8 @@ Tiny generated data on the CPU (tests/conftest.py). Run: pytest tests/test_evalu
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import socket
@@ -70,6 +72,30 @@ def test_cli_writes_json_and_matches_the_trainer(tiny_overrides: list[str], tmp_
     assert result["nll_iwae"] < result["elbo"]
     out = capsys.readouterr().out
     assert "nll_iwae" in out and str(run / "eval.json") in out
+
+
+def test_binarized_test_set_is_fixed_unless_a_seed_redraws_it(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """Default: the fixed binarization every run sees (data.BINARIZE_SEED), the same number twice; the
+    trainer of a dynamic run evaluates on it too. --binarize-seed draws another binary test set."""
+    from vae_dist.data import BINARIZE_SEED
+
+    _, summary = train_in_process(tiny_overrides + ["data.binarize=dynamic"])
+    run = tmp_path / "run"
+    common = [str(run), "--k", "5", "--batch-size", "64"]
+    results = []
+    for i, extra in enumerate(([], [], ["--binarize-seed", "7"], ["--binarize-seed", str(BINARIZE_SEED)])):
+        assert main([*common, *extra, "--out", str(tmp_path / f"e{i}.json")]) == 0
+        results.append(json.loads((tmp_path / f"e{i}.json").read_text()))
+    fixed, again, other, same_seed = results
+    assert fixed["binarize"] == "dynamic" and fixed["binarize_seed"] == BINARIZE_SEED
+    assert (fixed["elbo"], fixed["nll_iwae"]) == (again["elbo"], again["nll_iwae"])
+    assert math.isclose(fixed["elbo"], summary["final_test_elbo"], rel_tol=1e-6)
+    assert other["binarize_seed"] == 7 and other["elbo"] != fixed["elbo"]
+    assert (same_seed["elbo"], same_seed["nll_iwae"]) == (fixed["elbo"], fixed["nll_iwae"])  # the same draw
+    err = io.StringIO()  # not capsys: the trainer's end needs a stderr with a file descriptor
+    with contextlib.redirect_stderr(err):
+        assert main([*common, "--binarize", "none", "--binarize-seed", "7"]) == 2
+    assert "--binarize-seed re-binarizes the test split" in err.getvalue()
 
 
 def test_bad_model_paths_exit_2_with_a_sentence(tmp_path: Path, capsys) -> None:
