@@ -94,3 +94,21 @@ def test_random_mnist_is_a_data_root_the_trainer_reads(tmp_path: Path) -> None:
     root = gpu_check.random_mnist(tmp_path / "data")
     train, test = load_data(DataConfig(root=root, download=False))
     assert train.images.shape == (10_000, 784) and test.images.shape == (1_000, 784)
+
+
+def test_the_iwae_throughput_is_reported_never_judged() -> None:
+    failed = {"status": "fail", "data": "MNIST", "reparam": {"exit": 1, "wall_s": 3.0, "step": "", "why": "boom"}}
+    assert gpu_check.verdict(report(iwae=failed)) == ("PASS", [], [])
+    ok = {
+        "status": "ok",
+        "data": "MNIST",
+        "reparam": {"exit": 0, "wall_s": 20.0, "step": "one CUDA graph a step", "examples_per_s": 50_000},
+        "dreg": {"exit": 0, "wall_s": 22.0, "step": "one CUDA graph a step", "examples_per_s": 40_000},
+    }
+    skipped = {"status": "not run", "why": "skipped (--skip)"}
+    full = {**report(iwae=ok, bench_100=skipped, bench_1000=skipped, reference=skipped), "gpu": "H100", "gpus": 1}
+    full.update(torch="2.x")
+    full.update(cpu="x", verdict="PASS")
+    line = next(x for x in gpu_check.table({**full, "misses": [], "not_run": []}).splitlines() if "IWAE" in x)
+    assert "reparam: 50000 examples/s, one CUDA graph a step; dreg: 40000 examples/s" in line
+    assert "not part of the verdict" in line

@@ -9,7 +9,12 @@ It runs, from the repository root, each step in a subprocess with a time limit:
   3. the reference experiment, `configs/mnist.yaml` (40 epochs), timed from process start to exit
      (needs MNIST under --data-root; otherwise reported as not run);
   4. with 2 or more GPUs: 20 steps of 1 GPU x 100 against 2 GPUs x 50 (the same parameters, to
-     1e-5), both real `accelerate launch` runs; with one GPU this check is reported, not required.
+     1e-5), both real `accelerate launch` runs; with one GPU this check is reported, not required;
+  5. the IWAE paper's k = 50 network (configs/iwae_paper_iwae.yaml, batch 20) for IWAE_STEPS steps
+     with each of the reparameterisation and DReG gradients: training examples/s and how the step
+     ran (one CUDA graph, or eager and why). Reported, never part of the verdict: it sizes the
+     3,280-epoch runs (RESULTS.md) and shows that DReG's step is captured; run last, in what the
+     budget has left.
 Each step has its own time limit within an overall budget of BUDGET_S (a check is asked to finish
 under 8 minutes); a step that no longer fits is reported as not run. Then it prints a table and a
 verdict against the targets and writes --out/report.md, report.json, the logs and the reference
@@ -44,7 +49,9 @@ INVARIANCE_RTOL = 1e-5  # 1 x 100 vs 2 x 50
 EXIT_AFTER_LAST_STEP_S = 60.0  # a graphed 2-GPU run, from its export to its exit
 BENCH_STEPS = {100: 600, 1000: 120}  # timed steps per repeat: long enough for the graphed variants
 BUDGET_S = 470.0  # all steps together: under 8 minutes of device time, with room for start-up and report
-LIMITS_S = {"tests": 200, "bench": 120, "reference": 90, "multi": 90}  # each run's own cap
+LIMITS_S = {"tests": 200, "bench": 120, "reference": 90, "multi": 90, "iwae": 60}  # each run's own cap
+IWAE_STEPS = 600  # optimizer steps of each IWAE throughput run: 12,000 examples x 50 samples at batch 20
+IWAE_ESTIMATORS = ("reparam", "dreg")
 DEADLINE = [math.inf]  # time.perf_counter() by which every step must be done (set by main)
 
 
@@ -225,6 +232,41 @@ def two_gpus(out: Path, data_root: str | None) -> dict:
     return result
 
 
+def iwae_throughput(out: Path, data_root: str | None) -> dict:
+    """IWAE_STEPS steps of configs/iwae_paper_iwae.yaml per estimator: the last train record's examples/s
+    (its window starts after the capture) and the step's description. Not part of the verdict."""
+    root = Path(tempfile.mkdtemp(prefix="vae-gpu-check-"))
+    have_mnist = data_root and (Path(data_root) / "MNIST" / "raw").is_dir()
+    data = data_root if have_mnist else random_mnist(root / "data")
+    result: dict = {"status": "ok", "data": "MNIST" if have_mnist else "random images", "steps": IWAE_STEPS}
+    try:
+        for estimator in IWAE_ESTIMATORS:
+            run_dir = root / estimator
+            cmd = [sys.executable, "-m", "vae_dist.train", "--config", "configs/iwae_paper_iwae.yaml"]
+            cmd += [f"data.root={data}", f"run.dir={run_dir}", f"model.estimator={estimator}", "train.device=cuda"]
+            cmd += [f"train.max_steps={IWAE_STEPS}", f"tracking.log_every_steps={IWAE_STEPS // 3}", "tracking.mode=off"]
+            cmd += ["tracking.images_every_epochs=0", "checkpoint.every_epochs=0"]
+            r = run(f"iwae_{estimator}", cmd, out, LIMITS_S["iwae"])
+            records = []
+            if (run_dir / "metrics.jsonl").exists():
+                records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            train = [x for x in records if x["split"] == "train"]
+            step = next(
+                (x.split("(", 1)[-1].rstrip(")") for x in r["stdout"].splitlines() if "optimizer steps" in x), ""
+            )
+            entry = {"exit": r["code"], "wall_s": round(r["wall_s"], 1), "step": step}
+            if r["code"] == 0 and train:
+                entry["examples_per_s"] = round(train[-1]["examples_per_s"])
+                entry["train_loss"] = round(train[-1]["loss"], 2)
+            else:
+                result["status"] = "not run" if r["code"] == "not run" else "fail"
+                entry["why"] = last_line(r)
+            result[estimator] = entry
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
 def verdict(report: dict) -> tuple[str, list[str], list[str]]:
     """("PASS" | "FAIL" | "INCOMPLETE", what missed its target, what could not run)."""
     misses, missing = [], []
@@ -285,6 +327,20 @@ def table(report: dict) -> str:
         f"| 2 GPUs: 1 x 100 vs 2 x 50, 20 steps | {g['status']}: {shown} | difference <= {INVARIANCE_RTOL}, "
         f"exit <= {EXIT_AFTER_LAST_STEP_S:.0f} s after the export |"
     )
+    w = report.get("iwae")
+    if w is not None:
+        if w["status"] == "not run" and "why" in w:
+            shown = f"not run: {w['why']}"
+        else:
+            shown = "; ".join(
+                f"{e}: {w[e].get('examples_per_s', 'n/a')} examples/s, {w[e]['step'] or w[e].get('why', '')}"
+                for e in IWAE_ESTIMATORS
+                if e in w
+            )
+        lines.append(
+            f"| IWAE k = 50, paper network, batch 20, {IWAE_STEPS} steps ({w.get('data', '')}) | {w['status']}: "
+            f"{shown} | reported, not part of the verdict |"
+        )
     lines += ["", f"verdict: {report['verdict']}"]
     lines += [f"  missed: {m}" for m in report["misses"]] + [f"  not run: {m}" for m in report["not_run"]]
     return "\n".join(lines)
@@ -297,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (else random data; no reference run)")
     p.add_argument("--out", default="gpu-check", help="folder for the report, logs and pictures (default gpu-check)")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip: tests, bench, reference, multi")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip: tests, bench, reference, multi, iwae")
     args = p.parse_args(argv)
     import torch
 
@@ -318,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         report[f"bench_{batch}"] = skipped if "bench" in skip else bench(out, batch, args.data_root or "data")
     report["reference"] = skipped if "reference" in skip else reference(out, args.data_root)
     report["two_gpus"] = skipped if "multi" in skip else two_gpus(out, args.data_root)
+    report["iwae"] = skipped if "iwae" in skip else iwae_throughput(out, args.data_root)  # last: not in the verdict
     report["verdict"], report["misses"], report["not_run"] = verdict(report)
     text = table(report)
     print("\n" + text)
