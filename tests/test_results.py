@@ -47,6 +47,9 @@ def test_runs_that_differ_only_in_seed_are_one_row_and_two_configs_two_rows(tmp_
     finals_a = [138.4, 137.9, 139.1]
     for seed, final in enumerate(finals_a):
         fake_run(tmp_path / "a" / f"seed-{seed}", seed, [150.0, final - 0.5, final], rate=1000.0 + 100 * seed)
+    # A run written before a config key existed (its default keeps the old behaviour) is the same experiment.
+    older = tmp_path / "a" / "seed-2" / "config.yaml"
+    older.write_text("".join(line for line in older.read_text().splitlines(True) if "eps:" not in line))
     for seed, final in enumerate([137.0, 137.6]):
         fake_run(tmp_path / "b" / f"seed-{seed}", seed, [149.0, final, final + 0.1], "optim.lr=0.002")
     code, out, err = results(capsys, str(tmp_path / "a"), str(tmp_path / "b" / "seed-*"), "--json")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vae_dist.config import read_yaml
+from vae_dist.config import ConfigError, config_from_dict, read_yaml
 from vae_dist.tracking import MetricsFile
 
 EXIT_NOTHING_FINISHED = 1  # the runs exist, none has finished: the list says why
@@ -126,8 +126,21 @@ def lock_holder(run_dir: Path) -> str | None:
     return f"pid {pid} on {host}"
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml, flattened, with today's defaults for keys it predates: a key added later
+    (its default keeps the old behaviour) must not split a run from the seeds that came after it. A
+    config this version cannot read (a removed key) is compared as written."""
+    if not path.is_file():
+        return {}
+    raw = read_yaml(path.read_text()) or {}
+    try:
+        return flatten(config_from_dict(raw).to_dict())
+    except (ConfigError, TypeError, AttributeError):
+        return flatten(raw)
+
+
 def read_vae_dist_run(path: Path) -> Run:
-    config = flatten(read_yaml((path / "config.yaml").read_text()) or {}) if (path / "config.yaml").is_file() else {}
+    config = read_config(path / "config.yaml")
     run = Run(path=path, kind="vae_dist", seed=config.get("train.seed"), config=config)
     try:
         records, torn = MetricsFile(path / "metrics.jsonl").read_checked()
