@@ -115,6 +115,11 @@ def wait_for(predicate, timeout: float, what: str, log: Path) -> None:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; job log tail:\n{tail}")
 
 
+# What a stopped run says about its checkpoint: saved now, or (a signal that lands right after an
+# epoch-end save) the checkpoint of that same step, already on disk.
+STOPPED_AT = r"(?:checkpoint saved to|no step ran since the checkpoint) "
+
+
 def job_gone(job: str) -> bool:
     return job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "")
 
@@ -179,7 +184,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_parameters(
     text = log.read_text()
     assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
     assert job_field(job, "Restarts") == "1"  # the log's "restart 1" is SLURM_RESTART_COUNT=1
-    saved = re.search(r"checkpoint saved to \S*step-(\d+)", text)
+    saved = re.search(STOPPED_AT + r"\S*step-(\d+)", text)
     assert saved and 30 <= int(saved.group(1)) < 200, text[-3000:]  # stopped mid-run, after the signal
     assert text.count("slurm: training finished") == 1
     assert train_steps(run)[-1] == 200 and train_steps(run) == sorted(set(train_steps(run)))
@@ -200,7 +205,7 @@ def test_scancel_saves_a_checkpoint_and_is_not_requeued(data: Path, tmp_path: Pa
     text = log.read_text()
     assert job_field(job, "JobState") == "CANCELLED" and job_field(job, "Restarts") == "0", text[-3000:]
     assert "the job was cancelled: not requeueing" in text
-    saved = re.search(r"checkpoint saved to (\S*step-\d+)", text)
+    saved = re.search(STOPPED_AT + r"(\S*step-\d+)", text)
     assert saved and Path(saved.group(1)).is_dir(), text[-3000:]
 
 
@@ -214,7 +219,7 @@ def test_multi_node_script_runs_through_srun_and_requeues_on_usr1(data: Path, tm
     text = log.read_text()
     assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
     assert "head node " in text and "1 nodes x 2 processes" in text
-    assert re.search(r"checkpoint saved to \S*step-\d+", text) and "restart 1 " in text
+    assert re.search(STOPPED_AT + r"\S*step-\d+", text) and "restart 1 " in text
     assert train_steps(run)[-1] == 200
 
 
@@ -373,6 +378,6 @@ def test_an_array_task_requeues_itself_on_usr1_and_resumes_its_own_seed(
     wait_for(lambda: job_field(task, "Restarts") == "1" and job_gone(task), 150, "the requeued task to end", log)
     text = log.read_text()
     assert job_field(task, "JobState") == "COMPLETED", text[-3000:]
-    assert "restart 1 " in text and re.search(r"checkpoint saved to \S*seed-1/checkpoints/step-\d+", text)
+    assert "restart 1 " in text and re.search(STOPPED_AT + r"\S*seed-1/checkpoints/step-\d+", text)
     assert train_steps(run)[-1] == 200 and train_steps(run) == sorted(set(train_steps(run)))
     assert "seed: 1\n" in (run / "config.yaml").read_text() and sorted(p.name for p in sweep.iterdir()) == ["seed-1"]
