@@ -1,7 +1,7 @@
 """The batch scripts in slurm/ on a real single-node Slurm cluster on loopback (not a mock).
 
     sudo tests/slurm/cluster.sh install && sudo tests/slurm/cluster.sh up   # Debian 12, Slurm 22.05
-    .venv/bin/python -m pytest -m slurm tests/test_slurm.py                  # ~2 min on 2 cores
+    .venv/bin/python -m pytest -m slurm tests/test_slurm.py                  # ~4 min on 2 cores
     sudo tests/slurm/cluster.sh down
 
 Skipped, with the reason, when no cluster answers `sinfo` (failed instead with
