@@ -148,6 +148,7 @@ def test_original_script_output_beside_the_toolkit_with_the_difference_and_its_s
     assert code == 0, err
     mine, theirs = report["groups"]
     assert theirs["kind"] == "original script" and theirs["n"] == 3 and theirs["seeds"] == [0, 1, 2]
+    assert theirs["runs"] == f"{folder}/seed-{{0,1,2}}.jsonl"
     assert mine["differs_in"] == {}  # the original script has no config to set the toolkit's row apart from
     assert theirs["processor"] == ["Test CPU"] and theirs["examples_per_s"]["mean"] == pytest.approx(15000.0)
     assert report["unfinished"][0]["why"].startswith("1 of 3 epochs")

@@ -276,9 +276,11 @@ def common_prefix(paths: list[Path]) -> str:
     names = [p.name for p in paths]
     stem = re.sub(r"\d+$", "", os.path.commonprefix(names))  # seed-10, seed-11: seed-{10,11}, not seed-1{0,1}
     tails = [n[len(stem) :] for n in names]
+    end = re.sub(r"^\d+", "", os.path.commonprefix([t[::-1] for t in tails])[::-1])  # seed-0.jsonl: the .jsonl
+    tails = [t[: len(t) - len(end)] for t in tails]
     inner = ",".join(tails) if sum(map(len, tails)) < 60 else f"{tails[0]}..{tails[-1]}"
     where = parents.pop() if len(parents) == 1 else os.path.commonpath([str(p) for p in paths])
-    return f"{where}/{stem}{{{inner}}}"
+    return f"{where}/{stem}{{{inner}}}{end}"
 
 
 def group_runs(runs: list[Run]) -> tuple[list[dict[str, Any]], list[Run]]:
