@@ -104,7 +104,7 @@ def test_a_stop_signal_checkpoints_the_running_seed_and_the_same_command_resumes
     # 200 steps per seed (tiny data, batch 20, 10 epochs): long enough to be stopped in the middle;
     # figures only at the end (a drawing takes about a second of CPU).
     args = [*smoke(data_root, sweep), "train.max_steps=null", "train.epochs=10", "train.batch_size=20"]
-    args += ["tracking.log_every_steps=10", "tracking.images_every_epochs=0", "--seeds", "2"]
+    args += ["tracking.log_every_steps=10", "tracking.images_every_epochs=0", "--seeds", "3", "--parallel", "2"]
     cmd = [sys.executable, "-m", "vae_dist.seeds", "--config", str(REPO / "configs" / "smoke.yaml"), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cpu_env())
     metrics = sweep / "seed-0" / "metrics.jsonl"
@@ -115,9 +115,11 @@ def test_a_stop_signal_checkpoints_the_running_seed_and_the_same_command_resumes
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:] + err[-3000:]
     assert "got SIGTERM: stopping the running seeds" in err
+    # Both running seeds got the signal; the third had not started.
     assert "seed 0 (stopped by a signal after a checkpoint: rerun to resume)" in out
-    assert "seed 1 (not started (the sweep was stopped first))" in out
-    assert list((sweep / "seed-0" / "checkpoints").glob("step-*")) and not (sweep / "seed-1").exists()
+    assert "seed 1 (stopped by a signal after a checkpoint: rerun to resume)" in out
+    assert "seed 2 (not started (the sweep was stopped first))" in out
+    assert list((sweep / "seed-0" / "checkpoints").glob("step-*")) and not (sweep / "seed-2").exists()
 
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=cpu_env(), timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
