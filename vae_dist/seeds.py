@@ -78,7 +78,7 @@ def last_error(log: Path | None) -> str | None:
         return None
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     for line in reversed(lines):
-        if "error" in line.lower() or "Error" in line:
+        if "error" in line.lower():
             return line[:300]
     return lines[-1][:300] if lines else None
 
@@ -107,6 +107,7 @@ def visible_gpus() -> list[str]:
 
 
 def usable_cores() -> int:
+    # vae_dist.processes imports torch: only running seeds pays for it, not --print-overrides in a Slurm task.
     from vae_dist.processes import usable_cores
 
     return usable_cores()
