@@ -405,7 +405,8 @@ def loss_terms(
     - reparam: the plain reparameterisation gradient of the loss above;
     - stl (Roeder et al. 2017, "Sticking the landing"): q's mu and log sigma^2 stopped inside log q, so
       the encoder gets the path derivative only; the KL of the elbo objective is then the single-sample
-      estimate log q(z) - log p(z), and `loss` its value;
+      estimate log q(z) - log p(z), and `loss` its value. With iwae (k > 1) it is biased (Tucker et
+      al. 2018): DReG is the unbiased form;
     - dreg (Tucker et al. 2018, eq. 7; objective iwae): the decoder's gradient is IWAE's, the encoder's
       sum_k w~_k^2 d log w_k / dz_k dz_k/dphi with q's parameters stopped inside log q (w~: normalised
       weights); `loss` keeps the IWAE bound's value.
