@@ -29,6 +29,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -228,7 +229,9 @@ class Run:
         self.ended = True
         # A watchdog thread in C (faulthandler): it needs no GIL, so it fires even when a release
         # hangs inside a C call, e.g. a communicator destroy that waits on a graph (module docstring).
-        faulthandler.dump_traceback_later(END_GRACE_S, exit=True)
+        # The process's own stderr (file descriptor 2): sys.stderr may be a Python object without one
+        # (a notebook, pytest's capture).
+        faulthandler.dump_traceback_later(END_GRACE_S, exit=True, file=sys.__stderr__)
         for what, release in releases:
             if release is None:
                 continue

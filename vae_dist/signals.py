@@ -109,7 +109,7 @@ def watch_parent(interval_s: float = 1.0) -> threading.Thread:
     def watch() -> None:
         while os.getppid() == PARENT:
             time.sleep(interval_s)
-        faulthandler.dump_traceback_later(ORPHAN_GRACE_S, exit=True)
+        faulthandler.dump_traceback_later(ORPHAN_GRACE_S, exit=True, file=sys.__stderr__)
 
     thread = threading.Thread(target=watch, name="vae-parent-watch", daemon=True)
     thread.start()
