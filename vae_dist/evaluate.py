@@ -295,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as err:
         print(f"vae-evaluate: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if acc.device.type == "cpu":
-        set_cpu_threads(args.cpu_threads, acc.num_processes)
+    crowded = set_cpu_threads(args.cpu_threads, acc.num_processes) if acc.device.type == "cpu" else None
     try:
         model_dir = resolve_model_dir(args.model)
         run_data, run_config = training_data_config(model_dir)
@@ -323,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).replace("point data.root at", "point --data-root at")  # the data module's advice
         print(f"vae-evaluate: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if crowded:  # the inputs are good: the evaluation starts, slower than it could
+        print(f"vae-evaluate: warning: {crowded}", file=sys.stderr, flush=True)
     images = test.images.to(acc.device)
     k_batch = args.k_batch or default_k_batch(args.k, args.batch_size)
 

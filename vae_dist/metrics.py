@@ -104,13 +104,18 @@ class Metrics:
             self.file.truncate_after(step)
 
     # ---------------------------------------------------------------- start and end
-    def start(self, run_info: dict[str, Any], epoch: int, step_in_epoch: int) -> None:
+    def start(self, run_info: dict[str, Any], epoch: int, step_in_epoch: int, crowded: str | None = None) -> None:
         """The tracker (a resumed run continues its W&B run), the figure worker and the progress bars;
-        one line saying what the run trains on."""
+        one line saying what the run trains on, and one warning line when the CPU's cores are
+        oversubscribed (`crowded`, from each machine's first process: vae_dist.processes)."""
         self.console.print(
             f"training on {run_info['device']} ({run_info['processor']}), {run_info['num_processes']} process(es), "
             f"precision {run_info['precision']}"
         )
+        if crowded and self.is_main:  # on stdout with the run's other lines: stderr says what stopped a run
+            self.console.print(f"warning: {crowded}")
+        elif crowded:  # the first process of another machine: its console is off
+            print(f"warning: {crowded}", flush=True)
         self.tracker = start_tracker(self.cfg, self.acc, self.run_dir, self.tracker_run_id, run_info)
         self.tracker_run_id = self.tracker.run_id or self.tracker_run_id
         if self.is_main:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -40,8 +39,11 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def set_cpu_threads(threads: int | None, num_processes: int) -> None:
-    """`threads` torch threads, or this machine's usable cores shared between its processes.
+def set_cpu_threads(threads: int | None, num_processes: int) -> str | None:
+    """`threads` torch threads, or this machine's usable cores shared between its processes; returns
+    why the cores are oversubscribed (`oversubscribed`) on local rank 0, else None. The command says
+    it in one warning line once its work starts, so that a run refused at start (a bad input, a
+    run.dir in use) still says only why.
 
     `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core
     machine's speed."""
@@ -49,9 +51,8 @@ def set_cpu_threads(threads: int | None, num_processes: int) -> None:
     threads = threads or max(1, usable_cores() // local)
     torch.set_num_threads(threads)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per machine, not one per process
-        problem = oversubscribed(threads, local)
-        if problem:
-            print(f"warning: {problem}", file=sys.stderr, flush=True)
+        return oversubscribed(threads, local)
+    return None
 
 
 def busy_elsewhere(samples: int = 5, interval_s: float = 0.02) -> int | None:
@@ -88,7 +89,7 @@ def oversubscribed(threads: int, local_processes: int = 1) -> str | None:
     others = None if busy is None else busy - (local_processes - 1)
     if others is not None and others > 0 and others + threads * local_processes > total:
         return (
-            f"{others} threads of other processes are running on this machine's {total} cores, and this run "
+            f"{others} thread{'s' if others != 1 else ''} of other processes {'are' if others != 1 else 'is'} running on this machine's {total} cores, and this run "
             f"takes {threads * local_processes} more, so the cores are oversubscribed and every run on them slows "
             "down many times over; give each run its share with train.cpu_threads (vae-seeds does), or run them "
             "one after another."

@@ -56,10 +56,11 @@ class ReleaseWarning(RuntimeWarning):
     """Something a run held could not be released at its end; the rest was released."""
 
 
-def build_state(cfg: Config) -> PartialState:
-    """The process group on the device train.device names. On a machine without CUDA (or with
-    train.device=cpu), `cpu=True` gives a gloo group under `accelerate launch --multi_gpu`; a launcher
-    that asked for N processes but reached one is refused."""
+def build_state(cfg: Config) -> tuple[PartialState, str | None]:
+    """The process group on the device train.device names, and why the CPU's cores are oversubscribed
+    (None when they are not, or on a GPU). On a machine without CUDA (or with train.device=cpu),
+    `cpu=True` gives a gloo group under `accelerate launch --multi_gpu`; a launcher that asked for N
+    processes but reached one is refused."""
     cuda = torch.cuda.is_available()
     if cfg.train.device == "cuda" and not cuda:
         raise ConfigError(
@@ -77,20 +78,21 @@ def build_state(cfg: Config) -> PartialState:
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
     state = PartialState(cpu=cpu)
     check_launch(state.num_processes)
+    crowded = None
     if state.device.type == "cpu":
         if cfg.train.cuda_graphs == "on":
             raise ConfigError(
                 "train.cuda_graphs=on but this run trains on the CPU; use train.cuda_graphs=auto or off, "
                 "or run where torch sees a GPU."
             )
-        set_cpu_threads(cfg.train.cpu_threads, state.num_processes)
+        crowded = set_cpu_threads(cfg.train.cpu_threads, state.num_processes)
         # After ~700 steps, Adam's first moment of weights that almost never get a gradient (MNIST's
         # black border pixels, dead ReLU units) decays into float32's subnormal range, where every x86
         # operation on it is many times slower: a CPU run loses ~40% of its speed for no accuracy.
         # Worker threads copy this mode from the main thread when they start, so it is set before
         # the first parallel operation of `vae-train`.
         torch.set_flush_denormal(cfg.train.flush_denormal)
-    return state
+    return state, crowded
 
 
 def lock_run_dir(run_dir: Path) -> RunLock:
@@ -114,7 +116,7 @@ class Run:
         rank when another run holds it) and cleared of the temporary folders of saves that were killed.
         `signals`: those `vae-train` installed at its start; without them (a notebook, a test) `start`
         installs its own for the run."""
-        state = build_state(cfg)
+        state, self.crowded = build_state(cfg)  # crowded: said when training starts (Metrics.start)
         self.accum = cfg.train.accumulation_steps(state.num_processes)  # a ConfigError names the numbers to change
         self.micro = cfg.train.micro_batch(state.num_processes)
         self.accelerator = accelerator = Accelerator(

@@ -132,7 +132,7 @@ class Trainer:
         if self.finished():
             return self.already_finished()
         info = self.run.info(accumulation_steps=self.accum, micro_batch_size=self.micro)
-        self.metrics.start(info, self.epoch, self.step_in_epoch)
+        self.metrics.start(info, self.epoch, self.step_in_epoch, crowded=self.run.crowded)
         t0, start_step = time.perf_counter(), self.step
         self.startup["run.dir and tracker"] = t0 - self.run_started
         test = {}
