@@ -30,7 +30,9 @@ def fake_run(
     for epoch, elbo in enumerate(test_elbos, 1):
         step = epoch * 600
         metrics.write({"split": "train", "epoch": epoch - 1, "step": step, "elbo": elbo + 2, "examples_per_s": rate})
-        metrics.write({"split": "test", "epoch": epoch, "step": step, "elbo": elbo, "recon": elbo - 5, "kl": 5.0})
+        metrics.write(
+            {"split": "test", "epoch": epoch, "step": step, "loss": elbo, "elbo": elbo, "recon": elbo - 5, "kl": 5.0}
+        )
     if finished:
         assert len(test_elbos) == epochs
         (folder / "model.safetensors").write_bytes(b"weights")
@@ -165,3 +167,45 @@ def test_metrics_file_raises_on_a_damaged_line_that_is_not_the_last(tmp_path: Pa
         MetricsFile(path).read()
     path.write_text('{"step": 1}\n{"step": 2')
     assert MetricsFile(path).read_checked() == ([{"step": 1}], '{"step": 2')
+
+
+def test_plot_draws_each_rows_curve_and_the_nlls_of_run_and_checkpoint_folders(tmp_path: Path, capsys) -> None:
+    for seed, final in enumerate([90.2, 90.6]):
+        run = fake_run(tmp_path / "vae" / f"seed-{seed}", seed, [100.0, 92.0 + seed, final])
+        (run / "eval.json").write_text(json.dumps({"nll_iwae": final - 3.0, "k": 5000}))
+        # vae-evaluate on a checkpoint folder writes its eval.json there: step 600 is epoch 1
+        (run / "checkpoints" / "step-00000600").mkdir(parents=True)
+        (run / "checkpoints" / "step-00000600" / "eval.json").write_text(
+            json.dumps({"nll_iwae": 96.0 + seed, "k": 500})
+        )
+    running = fake_run(tmp_path / "iwae", 0, [110.0, 105.0], "model.objective=iwae", "model.k=50", finished=False)
+    png = tmp_path / "curves.png"
+    code, _, err = results(
+        capsys, str(tmp_path / "vae"), str(running), "--plot", str(png), "--mark", "Burda et al. 2016, VAE=86.76"
+    )
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert f"wrote {png}" in err
+
+    from vae_dist.results import read_runs
+
+    first, _, iwae = read_runs([tmp_path / "vae" / "seed-0", tmp_path / "vae" / "seed-1", running])
+    assert first.curve == [(1.0, 100.0), (2.0, 92.0), (3.0, 90.2)]
+    assert first.nll_points == [(1.0, 96.0, 500), (3.0, pytest.approx(87.2), 5000)]
+    assert iwae.curve_label == "test −IWAE bound (k = 50)" and iwae.curve == [(1.0, 110.0), (2.0, 105.0)]
+
+
+def test_mean_band_averages_the_epochs_every_seed_has() -> None:
+    from vae_dist.figures import _mean_band
+
+    xs, mean, lo, hi = _mean_band([[(1, 10.0), (2, 8.0), (3, 7.0)], [(1, 12.0), (2, 6.0)]])
+    assert (xs, mean, lo, hi) == ([1, 2], [11.0, 7.0], [10.0, 6.0], [12.0, 8.0])
+
+
+@pytest.mark.parametrize("mark", ["paper", "paper=high", "=86.76"])
+def test_a_malformed_mark_is_one_sentence_and_exit_2(tmp_path: Path, capsys, mark: str) -> None:
+    fake_run(tmp_path / "seed-0", 0, [150.0, 140.0, 138.0])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "seed-0"), "--plot", str(tmp_path / "c.png"), "--mark", mark])
+    assert exit_info.value.code == 2
+    assert "--mark" in capsys.readouterr().err and not (tmp_path / "c.png").exists()

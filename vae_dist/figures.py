@@ -17,6 +17,7 @@ reconstructions of epoch 1 and epoch 40 show the same digits, and the prior samp
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,77 @@ def loss_curves(records: list[dict[str, Any]], path: Path, steps_per_epoch: floa
     vx, vy = _curve(records, "test", "elbo", spe)
     left.set_title("−ELBO, lower is better" + (f": test {vy[-1]:.2f} at epoch {vx[-1]:g}" if vy else ""))
     right.set_title("KL term")
+    return _savefig(fig, path)
+
+
+def _mean_band(curves: list[list[tuple[float, float]]]) -> tuple[list, list, list, list]:
+    """x, mean, min, max over the curves at the x values every curve has (the seeds of one group
+    evaluate at the same epochs)."""
+    common = set.intersection(*(set(x for x, _ in c) for c in curves)) if curves else set()
+    xs = sorted(common)
+    at = [dict(c) for c in curves]
+    ys = [[a[x] for a in at] for x in xs]
+    return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+
+
+def learning_curves(series: list[dict[str, Any]], path: Path, marks: dict[str, float] | None = None) -> Path:
+    """Test measure against epochs for each series (a group of seeds or one run), the mean line with
+    the seeds' min-max band, and the NLLs vae-evaluate wrote as markers (mean over the seeds that
+    have one at that epoch, with k in the legend). `marks`: label -> value, drawn as horizontal
+    lines (a paper's number). Series: {"label", "measure", "curves": [[(epoch, value)]],
+    "nll": [[(epoch, nll, k)]], "finished"}; an unfinished one is dashed."""
+    fig = _figure(9, 5.5)
+    ax = fig.add_subplot()
+    colors = [f"C{i}" for i in range(10)]
+    late: list[float] = []  # values past the first tenth of a run: the y range worth seeing
+    lows: list[float] = list((marks or {}).values())
+    for i, s in enumerate(series):
+        color = colors[i % len(colors)]
+        xs, mean, lo, hi = _mean_band(s["curves"])
+        n = len(s["curves"])
+        style = "-" if s.get("finished", True) else "--"
+        tail = "" if s.get("finished", True) else ", unfinished"
+        if xs:
+            last = f"{mean[-1]:.2f}" + (f" ± {statistics.stdev(c[-1][1] for c in s['curves']):.2f}" if n > 1 else "")
+            ax.plot(
+                xs,
+                mean,
+                style,
+                color=color,
+                lw=1.5,
+                label=f"{s['label']}: {s['measure']}, n = {n}{tail} ({last} at epoch {xs[-1]:g})",
+            )
+            if n > 1:
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
+            late += [y for x, y in zip(xs, mean) if x >= 0.1 * xs[-1]] or mean
+            lows += lo
+        by_epoch: dict[tuple[float, Any], list[float]] = {}
+        for points in s["nll"]:
+            for x, y, k in points:
+                by_epoch.setdefault((x, k), []).append(y)
+        for k in sorted({k for _, k in by_epoch}, key=str):
+            pts = sorted((x, sum(v) / len(v)) for (x, kk), v in by_epoch.items() if kk == k)
+            ax.plot(
+                [x for x, _ in pts],
+                [y for _, y in pts],
+                ":",
+                color=color,
+                marker="o",
+                ms=5,
+                label=f"{s['label']}: NLL (k = {k}), {pts[-1][1]:.2f} at epoch {pts[-1][0]:g}",
+            )
+            lows += [y for _, y in pts]
+            late += [y for _, y in pts]
+    for j, (label, value) in enumerate((marks or {}).items()):
+        ax.axhline(value, color=str(0.2 + 0.2 * (j % 3)), ls=(0, (5, 1 + 2 * j)), lw=1, label=f"{label}: {value:g}")
+    if late:
+        top, bottom = max(late), min(lows)
+        ax.set_ylim(bottom - 0.05 * (top - bottom) - 0.2, top + 0.05 * (top - bottom) + 0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("epoch (log scale)")
+    ax.set_ylabel("nats per test example, lower is better")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     return _savefig(fig, path)
 
 

@@ -65,6 +65,11 @@ class Run:
     epochs: int = 0  # evaluated epochs
     why_unfinished: str | None = None
     notes: list[str] = field(default_factory=list)
+    # The learning curve: (epoch, the test measure the run trained for) at each evaluation, and
+    # (epoch, NLL, k) where vae-evaluate wrote an eval.json (into run.dir or a checkpoint's folder).
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    curve_label: str = "test −ELBO"
+    nll_points: list[tuple[float, float, int]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -161,6 +166,7 @@ def read_vae_dist_run(path: Path) -> Run:
         windows.append(((r["step"] - previous) * batch, r.get("examples_per_s")))
         previous = r["step"]
     run.examples_per_s = weighted_rate(windows)
+    read_curve(run, tests)
     if (path / "eval.json").is_file():
         try:
             ev = json.loads((path / "eval.json").read_text())
@@ -174,6 +180,29 @@ def read_vae_dist_run(path: Path) -> Run:
             pass
     run.why_unfinished = why_unfinished(run, records)
     return run
+
+
+def read_curve(run: Run, tests: list[dict[str, Any]]) -> None:
+    """The run's learning curve and the NLLs vae-evaluate wrote for it: run.dir/eval.json at the last
+    evaluated epoch, checkpoints/step-N/eval.json at step N. The curve is the test `loss`, the bound
+    the run trained for: the ELBO, or for objective iwae the k-sample bound."""
+    steps_per_epoch = next((r["step"] / r["epoch"] for r in tests if r.get("epoch") and r.get("step")), None)
+    run.curve = [(r["step"] / steps_per_epoch, r["loss"]) for r in tests if steps_per_epoch and "loss" in r]
+    if run.config.get("model.objective") == "iwae":
+        run.curve_label = f"test −IWAE bound (k = {run.config.get('model.k')})"
+    evals = [(run.curve[-1][0] if run.curve else None, run.path / "eval.json")]
+    for folder in sorted(run.path.glob("checkpoints/step-*")):
+        step = re.fullmatch(r"step-(\d+)", folder.name)
+        if step and steps_per_epoch:
+            evals.append((int(step.group(1)) / steps_per_epoch, folder / "eval.json"))
+    for epoch, file in evals:
+        try:
+            ev = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue  # not evaluated (a damaged run.dir/eval.json is noted by the caller)
+        if epoch is not None and isinstance(ev.get("nll_iwae"), (int, float)):
+            run.nll_points.append((epoch, ev["nll_iwae"], ev.get("k")))
+    run.nll_points.sort()
 
 
 def why_unfinished(run: Run, records: list[dict[str, Any]]) -> str | None:
@@ -432,7 +461,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--processor", default=None, help="the processor of runs that did not record one (the original script's)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="also draw the learning curves: each row's test measure against epochs (mean, min-max band over "
+        "its seeds), the NLLs vae-evaluate wrote (run.dir or checkpoint folders), unfinished runs dashed",
+    )
+    parser.add_argument(
+        "--mark",
+        action="append",
+        default=[],
+        metavar="LABEL=VALUE",
+        help="with --plot: a horizontal line at VALUE nats, e.g. --mark 'Burda et al. 2016, VAE=86.76'; repeatable",
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.marks = {label: float(value) for label, _, value in (m.rpartition("=") for m in args.mark)}
+    except ValueError:
+        parser.error(f"--mark takes LABEL=VALUE with a number after the last '=', e.g. 'paper=86.76'; got {args.mark}.")
+    if any(not label for label in args.marks):
+        parser.error("--mark needs a label before '=', e.g. 'paper=86.76'.")
+    return args
+
+
+def plot(
+    rows: list[dict[str, Any]], runs: list[Run], unfinished: list[Run], path: Path, marks: dict[str, float]
+) -> Path:
+    """The learning curves of the table's rows, then each unfinished run's (dashed): progress so far."""
+    from vae_dist.figures import learning_curves  # lazy: matplotlib and torch only when drawing
+
+    by_path = {str(r.path): r for r in runs}
+    series = []
+    for row in rows:
+        members = [by_path[p] for p in row["paths"] if by_path[p].curve]
+        if members and members[0].kind != ORIGINAL:
+            series.append(
+                {
+                    "label": row["runs"],
+                    "measure": members[0].curve_label,
+                    "curves": [r.curve for r in members],
+                    "nll": [r.nll_points for r in members],
+                    "finished": True,
+                }
+            )
+    for r in unfinished:
+        if r.curve:
+            series.append(
+                {
+                    "label": str(r.path),
+                    "measure": r.curve_label,
+                    "curves": [r.curve],
+                    "nll": [r.nll_points],
+                    "finished": False,
+                }
+            )
+    return learning_curves(series, path, marks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=1))
     else:
         print(markdown(rows, unfinished, notes, diffs))
+    if args.plot:
+        print(f"vae-results: wrote {plot(rows, runs, unfinished, Path(args.plot), args.marks)}", file=sys.stderr)
     if not rows:
         print("vae-results: no run among the paths given has finished; nothing to average.", file=sys.stderr)
         return EXIT_NOTHING_FINISHED
