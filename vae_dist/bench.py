@@ -314,17 +314,14 @@ def toolkit_step(trainer) -> str | None:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from vae_dist.processes import usable_cores
+    from vae_dist.processes import cpu_model, usable_cores
 
-    return {"cpu": cpu, "cores": usable_cores(), "platform": platform.platform(), "python": platform.python_version()}
+    return {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def render(result: dict) -> str:
