@@ -171,6 +171,8 @@ def read_vae_dist_run(path: Path) -> Run:
         try:
             ev = json.loads((path / "eval.json").read_text())
             run.nll, run.nll_k = ev.get("nll_iwae"), ev.get("k")
+            if run.curve and isinstance(run.nll, (int, float)):  # the exported model: the last evaluated epoch
+                run.nll_points = sorted([*run.nll_points, (run.curve[-1][0], run.nll, run.nll_k)])
         except ValueError:
             run.notes.append(f"{path / 'eval.json'} is not JSON: its NLL is left out")
     if (path / "runtime.json").is_file():
@@ -183,25 +185,21 @@ def read_vae_dist_run(path: Path) -> Run:
 
 
 def read_curve(run: Run, tests: list[dict[str, Any]]) -> None:
-    """The run's learning curve and the NLLs vae-evaluate wrote for it: run.dir/eval.json at the last
-    evaluated epoch, checkpoints/step-N/eval.json at step N. The curve is the test `loss`, the bound
-    the run trained for: the ELBO, or for objective iwae the k-sample bound."""
+    """The run's learning curve and the NLLs vae-evaluate wrote into its checkpoints' folders
+    (checkpoints/step-N/eval.json, at step N; run.dir/eval.json is read by the caller). The curve is
+    the test `loss`, the bound the run trained for: the ELBO, or for objective iwae the k-sample bound."""
     steps_per_epoch = next((r["step"] / r["epoch"] for r in tests if r.get("epoch") and r.get("step")), None)
     run.curve = [(r["step"] / steps_per_epoch, r["loss"]) for r in tests if steps_per_epoch and "loss" in r]
     if run.config.get("model.objective") == "iwae":
         run.curve_label = f"test −IWAE bound (k = {run.config.get('model.k')})"
-    evals = [(run.curve[-1][0] if run.curve else None, run.path / "eval.json")]
     for folder in sorted(run.path.glob("checkpoints/step-*")):
         step = re.fullmatch(r"step-(\d+)", folder.name)
-        if step and steps_per_epoch:
-            evals.append((int(step.group(1)) / steps_per_epoch, folder / "eval.json"))
-    for epoch, file in evals:
         try:
-            ev = json.loads(file.read_text())
+            ev = json.loads((folder / "eval.json").read_text())
         except (OSError, ValueError):
-            continue  # not evaluated (a damaged run.dir/eval.json is noted by the caller)
-        if epoch is not None and isinstance(ev.get("nll_iwae"), (int, float)):
-            run.nll_points.append((epoch, ev["nll_iwae"], ev.get("k")))
+            continue  # a checkpoint nobody evaluated
+        if step and steps_per_epoch and isinstance(ev.get("nll_iwae"), (int, float)):
+            run.nll_points.append((int(step.group(1)) / steps_per_epoch, ev["nll_iwae"], ev.get("k")))
     run.nll_points.sort()
 
 
