@@ -5,12 +5,18 @@ PYTHON ?= python3
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 VENV := .venv
 STAMP := $(VENV)/.installed
+# test-lower: every dependency at the lowest release pyproject.toml admits (.ci/lower_bounds.py), torch as above.
+LOWER := .venv-lower
+LOWER_STAMP := $(LOWER)/.installed
+# The releases a red run should name first.
+KEY_PACKAGES := '^(torch|torchvision|accelerate|wandb|safetensors|huggingface.hub|rich|pyyaml|matplotlib|numpy|psutil|pytest)=='
+
 ARGS ?=
 
 # The GPU check runs in place with the Python a GPU machine already has (torch, accelerate, ...): no venv.
 GPU_PYTHON ?= python3
 
-.PHONY: venv train test test-fast lint slurm-test gpu-check clean
+.PHONY: venv versions train test test-lower test-fast lint slurm-test gpu-check clean
 
 venv: $(STAMP)
 
@@ -21,6 +27,19 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(LOWER_STAMP): pyproject.toml .ci/lower_bounds.py
+	rm -rf $(LOWER)
+	$(PYTHON) -m venv $(LOWER)
+	$(LOWER)/bin/python -m pip install -q --upgrade pip
+	$(LOWER)/bin/python -m pip install -q $(TORCH)
+	$(LOWER)/bin/python .ci/lower_bounds.py > $(LOWER)/constraints.txt
+	$(LOWER)/bin/python -m pip install -q -e '.[test]' -c $(LOWER)/constraints.txt
+	touch $(LOWER_STAMP)
+
+# The resolved releases of the key packages, so a red run shows what changed.
+versions: $(STAMP)
+	@$(VENV)/bin/python -m pip freeze | grep -iE $(KEY_PACKAGES)
+
 # One process (one GPU, or the CPU): signals reach it directly, so SIGTERM to make or to it checkpoints.
 # make exits 2 whenever vae-train fails or stops; vae-train's own code is in make's "Error N" line.
 # All GPUs of a machine: launch/single_box.sh.
@@ -29,6 +48,11 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+# The same suite against the lowest releases pyproject.toml admits.
+test-lower: $(LOWER_STAMP)
+	@$(LOWER)/bin/python -m pip freeze | grep -iE $(KEY_PACKAGES)
+	$(LOWER)/bin/python -m pytest -q -p no:cacheprovider $(ARGS)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow and not distributed" $(ARGS)
@@ -45,4 +69,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check vae_dist tests
 
 clean:
-	rm -rf $(VENV) runs wandb .pytest_cache
+	rm -rf $(VENV) $(LOWER) runs wandb .pytest_cache

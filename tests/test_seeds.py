@@ -101,23 +101,32 @@ def test_a_stop_signal_checkpoints_the_running_seed_and_the_same_command_resumes
     import time
 
     sweep = tmp_path / "smoke"
-    # 200 steps per seed (tiny data, batch 20, 10 epochs): long enough to be stopped in the middle;
+    # 1000 steps per seed (tiny data, batch 20, 50 epochs): long enough for both running seeds to be
+    # stopped in the middle (200 steps took 6 s: one seed could finish while the other started);
     # figures only at the end (a drawing takes about a second of CPU).
-    args = [*smoke(data_root, sweep), "train.max_steps=null", "train.epochs=10", "train.batch_size=20"]
+    args = [*smoke(data_root, sweep), "train.max_steps=null", "train.epochs=50", "train.batch_size=20"]
     args += ["tracking.log_every_steps=10", "tracking.images_every_epochs=0", "--seeds", "3", "--parallel", "2"]
     cmd = [sys.executable, "-m", "vae_dist.seeds", "--config", str(REPO / "configs" / "smoke.yaml"), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cpu_env())
     metrics = sweep / "seed-0" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count('"train"') >= 3) and time.monotonic() < deadline:
+
+    def training(seed: int) -> bool:  # past start-up: its stop-signal handlers are in place
+        path = sweep / f"seed-{seed}" / "metrics.jsonl"
+        return path.is_file() and path.read_text().count('"train"') >= 3
+
+    # Both running seeds must be training when the signal lands: on a loaded machine seed 1 can still be
+    # starting its interpreter when seed 0 logs, and then it dies of the signal instead of checkpointing.
+    deadline = time.monotonic() + 240
+    while not (training(0) and training(1)) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    assert training(0) and training(1), "the first two seeds never both started training"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:] + err[-3000:]
     assert "got SIGTERM: stopping the running seeds" in err
     # Both running seeds got the signal; the third had not started.
     assert "seed 0 (stopped by a signal after a checkpoint: rerun to resume)" in out
-    assert "seed 1 (stopped by a signal after a checkpoint: rerun to resume)" in out
+    assert "seed 1 (stopped by a signal after a checkpoint: rerun to resume)" in out, out + err
     assert "seed 2 (not started (the sweep was stopped first))" in out
     assert list((sweep / "seed-0" / "checkpoints").glob("step-*")) and not (sweep / "seed-2").exists()
 
@@ -125,4 +134,4 @@ def test_a_stop_signal_checkpoints_the_running_seed_and_the_same_command_resumes
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resum" in (sweep / "seed-0" / "train.log").read_text().lower()
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train"' in line]
-    assert steps[-1] == 200 and steps == sorted(set(steps))  # resumed, not restarted: no step twice
+    assert steps[-1] == 1000 and steps == sorted(set(steps))  # resumed, not restarted: no step twice

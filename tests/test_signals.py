@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO, cpu_env, run_train, train_in_process
 from vae_dist.checkpoint import latest_valid, verify
 from vae_dist.config import load_config
+from vae_dist.tracking import local_runs, read_wandb_run
 from vae_dist.trainer import Trainer
 
 LONG = ["train.epochs=400", "tracking.log_every_steps=2"]  # trains until stopped
@@ -46,37 +47,123 @@ def processes_using(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(
-    nproc: int, tiny_overrides: list[str], tmp_path: Path
-) -> None:
-    """A supervisor signals the process it started: `accelerate launch`. With one process the launcher
-    dies at once (exit -15) and its training process, told by the kernel (PR_SET_PDEATHSIG), still
-    finishes its step, checkpoints and exits 75; with two, torchrun's agent forwards the TERM."""
+# What `accelerate launch` itself exits with after a SIGTERM, by version (the shell shows -15 as 143):
+# - one process, accelerate < 1.16: killed by the signal at once (-15); its training process, told by
+#   the kernel (PR_SET_PDEATHSIG), still finishes its step, checkpoints and exits 75 on its own;
+# - one process, accelerate >= 1.16: it sends SIGTERM to its whole process tree, waits up to 5 s (then
+#   SIGKILL), and exits 128 + 15 = 143;
+# - several processes (torchrun's agent forwards the signal and waits for its workers): 143 with
+#   accelerate >= 1.16, 1 (an uncaught SignalException) before.
+LAUNCHER_SIGTERM_CODES = {1: {-signal.SIGTERM, 128 + signal.SIGTERM}, 2: {1, 128 + signal.SIGTERM}}
+
+
+def launcher_sigterm(nproc: int, overrides: list[str], tmp_path: Path, **env: str) -> dict:
+    """tests/launcher_probe.py: `accelerate launch` training until SIGTERM reaches the launcher alone."""
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "launcher_probe.py"), str(nproc), str(run), str(tmp_path / "out")]
-        + [*tiny_overrides, *LONG],
+        + overrides,
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=cpu_env(),
+        env=cpu_env(**env),
         timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["signalled"], report["stderr"]
     assert "stopped by SIGTERM at step" in report["stdout"], report["stdout"][-2000:] + report["stderr"]
-    if nproc == 1:
-        assert report["launcher_code"] == -signal.SIGTERM  # accelerate's simple launcher does not wait
-        assert [o["code"] for o in report["orphans"]] == [75]  # the orphan checkpointed and exited 75
-    else:
-        assert report["launcher_code"] != 0 and report["orphans"] == []  # the agent waited for its workers
+    return report
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(
+    nproc: int, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """A supervisor signals the process it started: `accelerate launch`. Whatever the launcher's version
+    does with the signal, the training process finishes its step, checkpoints and exits, and the
+    launcher's own code is one that means 'terminated by SIGTERM' (LAUNCHER_SIGTERM_CODES)."""
+    run = tmp_path / "run"
+    report = launcher_sigterm(nproc, [*tiny_overrides, *LONG], tmp_path)
+    assert report["launcher_code"] in LAUNCHER_SIGTERM_CODES[nproc], report["stderr"]
+    # Processes the launcher left behind (accelerate < 1.16, one process) checkpointed and exited 75.
+    assert all(o["code"] == 75 for o in report["orphans"]), report["orphans"]
+    if report["launcher_code"] == -signal.SIGTERM:
+        assert len(report["orphans"]) == 1
     saved = latest_valid(run)
     assert saved is not None and json.loads((saved / "state.json").read_text())["step"] > 0
     assert not (run / "model.safetensors").exists()  # stopped, not finished
     assert processes_using(run) == []
+
+
+def wandb_train_steps(run: Path) -> list[int]:
+    """The train steps the run's W&B folders hold, in the order they were logged; every folder exited."""
+    steps = []
+    for folder in local_runs(run):
+        held = read_wandb_run(folder)
+        assert held["exited"], f"{folder}: no exit record"
+        steps += [row["train/step"] for row in held["history"] if "train/elbo" in row]
+    return steps
+
+
+def metrics_train_steps(run: Path) -> list[int]:
+    return [
+        r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"
+    ]
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_launcher_leaves_a_whole_finished_wandb_run(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """W&B's service is outside the training process's tree (vae_dist.wandb_service), so a launcher that
+    signals the whole tree (accelerate >= 1.16) does not kill it first: the offline W&B run holds every
+    train record up to the checkpoint and is finished; the service and its keeper exit by themselves."""
+    run = tmp_path / "run"
+    wait = {"PROBE_RECORDS": "40"}  # well past one 32 KiB block of the .wandb file
+    report = launcher_sigterm(1, [*tiny_overrides, *LONG, "tracking.mode=offline"], tmp_path, **wait)
+    assert all(o["code"] in (0, 75) for o in report["orphans"]), report["orphans"]  # the keeper and wandb-core: 0
+    saved = json.loads((latest_valid(run) / "state.json").read_text())["step"]
+    assert saved >= 60  # 40 lines: 8 epochs of 4 train records and a test record
+    logged = metrics_train_steps(run)
+    assert logged[-1] == saved and wandb_train_steps(run) == logged
+    assert sum(f.stat().st_size for f in (run / "wandb").glob("offline-run-*/run-*.wandb")) > 32 * 1024
+
+
+def test_a_killed_run_keeps_every_sent_record_in_wandb_and_resumes_it(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """kill -9 of a launcher's training process (a launcher's SIGKILL after its grace period): the W&B
+    service outlives it and writes all it was sent, and the same command continues the W&B run from the
+    checkpoint, so the W&B folders together hold every train step exactly once."""
+    run = tmp_path / "run"
+    launched = cpu_env(ACCELERATE_USE_CPU="True")  # what accelerate's one-process launcher sets
+    overrides = [*tiny_overrides, *LONG, "tracking.mode=offline", "checkpoint.every_steps=10"]
+    first = subprocess.Popen(
+        train_cmd(overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launched, cwd=tmp_path
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(metrics_train_steps(run)) >= 30:
+            break
+        time.sleep(0.1)
+    first.kill()
+    first.communicate()
+    checkpoint = json.loads((latest_valid(run) / "state.json").read_text())["step"]
+    deadline = time.time() + 60  # the keeper reads EOF and tears the service down (milliseconds here)
+    while time.time() < deadline and not all(read_wandb_run(f)["exited"] for f in local_runs(run)):
+        time.sleep(0.2)
+    before = wandb_train_steps(run)
+    assert [s for s in metrics_train_steps(run) if s <= checkpoint] == [s for s in before if s <= checkpoint]
+    again = subprocess.run(
+        train_cmd([o for o in overrides if not o.startswith("train.epochs")] + ["train.epochs=12"]),
+        capture_output=True,
+        text=True,
+        env=launched,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(set(wandb_train_steps(run))) == wandb_train_steps(run) == list(range(2, 12 * 8 + 1, 2))
 
 
 def test_signal_during_start_up_exits_75_and_writes_nothing(tiny_overrides: list[str], tmp_path: Path) -> None:

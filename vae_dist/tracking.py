@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from vae_dist.signals import LAUNCHER_VARIABLES
+from vae_dist.wandb_service import shield
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -326,6 +329,8 @@ def _open(cfg: Config, accelerator: Accelerator, run_dir: Path, run_id: str | No
             )
             mode = "offline"
     config = {**cfg.to_dict(), "runtime": runtime}
+    if any(v in os.environ for v in LAUNCHER_VARIABLES):  # a launcher may kill our whole tree on SIGTERM
+        shield()
     for attempt in ("online", "offline") if mode == "online" else (mode,):
         try:
             return _start(cfg, accelerator, run_dir, run_id, config, attempt)
