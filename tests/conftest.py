@@ -130,7 +130,10 @@ def cpu_env(**extra: str) -> dict[str, str]:
     """The environment of a subprocess that means the CPU: no GPU visible, also on a machine with GPUs."""
     import os
 
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+    # WANDB_SERVICE: an in-process test's wandb.setup() names this process's W&B service there; a
+    # subprocess must start its own, as a user's command does.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def run_train(overrides: list[str], cwd: Path | None = None, timeout: float = 300):

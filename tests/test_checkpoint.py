@@ -343,9 +343,16 @@ def test_sigusr1_to_one_rank_stops_both(ckpt_overrides: list[str], tmp_path: Pat
 
 @pytest.mark.slow
 def test_kill_minus_9_at_random_moments(ckpt_overrides: list[str], tmp_path: Path) -> None:
-    """Ten kill -9 at random moments (saves included), each followed by train.resume=auto, end with the
-    uninterrupted run's parameters; every 'resumed from' names a checkpoint that verifies."""
-    base = [*ckpt_overrides, "train.epochs=6", "checkpoint.every_steps=1", "model.hidden_dims=[512, 256]"]
+    """Twenty kill -9 at random moments (saves and metrics.jsonl writes included: a checkpoint every
+    step, a record every step), each followed by train.resume=auto, end with the uninterrupted run's
+    parameters and records (no step missing, none twice); every 'resumed from' names a checkpoint."""
+    base = [
+        *ckpt_overrides,
+        "train.epochs=6",
+        "checkpoint.every_steps=1",
+        "tracking.log_every_steps=1",
+        "model.hidden_dims=[512, 256]",
+    ]
     ref, run = tmp_path / "ref", tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "vae_dist.train", *base, f"run.dir={ref}"], capture_output=True, text=True, cwd=tmp_path
@@ -353,7 +360,7 @@ def test_kill_minus_9_at_random_moments(ckpt_overrides: list[str], tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     rng = random.Random(0)
     kills = 0
-    while kills < 10:
+    while kills < 20:
         p = subprocess.Popen(
             [sys.executable, "-m", "vae_dist.train", *base, f"run.dir={run}"],
             stdout=subprocess.PIPE,
@@ -380,6 +387,7 @@ def test_kill_minus_9_at_random_moments(ckpt_overrides: list[str], tmp_path: Pat
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_weights(load_weights(run), load_weights(ref))
+    assert metrics(run) == metrics(ref)
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(ckpt_overrides: list[str], tmp_path: Path) -> None:

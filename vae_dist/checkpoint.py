@@ -247,9 +247,21 @@ class CheckpointWriter:
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints; remove older ones and leftovers of interrupted saves."""
+    """Keep the newest `keep` checkpoints; remove older ones and leftovers of interrupted saves.
+
+    While any checkpoint is damaged nothing is removed (one warning names them): a damaged checkpoint
+    never counts toward `keep`, and no valid checkpoint goes while one may be the last good copy."""
     clear_stale_temps(run_dir)
-    for old in sorted(checkpoints_dir(run_dir).glob(f"{PREFIX}*"))[:-keep]:
+    found = sorted(checkpoints_dir(run_dir).glob(f"{PREFIX}*"))
+    damaged = [f"{path.name} ({problem})" for path in found if (problem := verify(path))]
+    if damaged:
+        warnings.warn(
+            f"checkpoint.keep removes nothing while {checkpoints_dir(run_dir)} holds damaged checkpoints: "
+            f"{'; '.join(damaged)}. Move them out of the folder (or delete them) once you no longer need them.",
+            stacklevel=2,
+        )
+        return
+    for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -277,24 +289,37 @@ def verify(path: Path) -> str | None:
         return problem
     try:
         manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"].items()
     except FileNotFoundError:
         return f"{path / MANIFEST} is missing (the save did not finish)"
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except OSError as err:  # a folder in its place, no permission to read it
+        return f"{path / MANIFEST} cannot be read ({err.strerror or err})"
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         return f"{path / MANIFEST} is not valid JSON"
-    for name, meta in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            return f"{file} is missing"
-        if file.stat().st_size != meta["size"]:
-            return f"{file} has {file.stat().st_size} bytes, the manifest says {meta['size']} (truncated?)"
-        if _sha256(file) != meta["sha256"]:
-            return f"{file} does not match its sha256 in the manifest (corrupt)"
+    try:
+        for name, meta in files:
+            file = path / name
+            if not file.is_file():
+                return f"{file} is missing" if not file.exists() else f"{file} is not a file"
+            if file.stat().st_size != meta["size"]:
+                return f"{file} has {file.stat().st_size} bytes, the manifest says {meta['size']} (truncated?)"
+            if _sha256(file) != meta["sha256"]:
+                return f"{file} does not match its sha256 in the manifest (corrupt)"
+    except OSError as err:
+        return f"{getattr(err, 'filename', None) or path} cannot be read ({err.strerror or err})"
+    except (KeyError, TypeError):
+        return f"{path / MANIFEST} is not a vae_dist manifest"
     return None
 
 
-def latest_valid(run_dir: Path, warn: bool = True) -> Path | None:
-    """The newest checkpoint under run_dir that passes `verify`; broken ones are skipped with a warning."""
+def latest_valid(run_dir: Path, warn: bool = True, at_most: int | None = None) -> Path | None:
+    """The newest checkpoint under run_dir (of step `at_most` or earlier, if given) that passes
+    `verify`; broken ones are skipped with a warning."""
     for path in sorted(checkpoints_dir(run_dir).glob(f"{PREFIX}*"), reverse=True):
+        if at_most is not None and not (
+            path.name[len(PREFIX) :].isdigit() and int(path.name[len(PREFIX) :]) <= at_most
+        ):
+            continue
         problem = verify(path)
         if problem is None:
             return path
@@ -307,7 +332,7 @@ def pickle_problem(path: Path) -> str | None:
     """What is a pickle in checkpoint directory `path`, judged by content (any `*.safetensors` that is
     really a torch.save file), or None."""
     for file in sorted(Path(path).glob("*.safetensors")):
-        kind = pickle_kind(file)
+        kind = pickle_kind(file) if file.is_file() else None
         if kind:
             return pickle_refusal(file, kind)
     return None
@@ -350,6 +375,21 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
             f"train.resume={resume} cannot be loaded: {problem}. Pick another checkpoint or train.resume=auto."
         )
     return path
+
+
+def refuse_all_damaged(run_dir: Path) -> None:
+    """train.resume=auto found checkpoints but none it can load: starting from step 0 would overwrite
+    the run's records and, through checkpoint.keep, its checkpoints. Refuse, naming each one."""
+    found = sorted(checkpoints_dir(run_dir).glob(f"{PREFIX}*"))
+    if not found:
+        return
+    problems = "; ".join(f"{problem}" for path in found if (problem := verify(path)))
+    folder = checkpoints_dir(run_dir)
+    raise CheckpointError(
+        f"every checkpoint in {folder} is damaged ({problems}), so this run cannot resume, and it will not "
+        f"start over on top of them. Restore a checkpoint from a copy, or move the folder aside to start this "
+        f"run.dir anew (mv {folder} {folder}.damaged), or choose a new run.dir."
+    )
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -522,6 +562,8 @@ class CheckpointManager:
             if not acc.is_main_process:
                 warnings.simplefilter("ignore")  # the main process reports skipped checkpoints once
             path = resolve_resume(cfg.train.resume, self.run_dir)
+        if path is None and cfg.train.resume == "auto":
+            refuse_all_damaged(self.run_dir)
         if path is None:
             return None
         ckpt = load_checkpoint(path)

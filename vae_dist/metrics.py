@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ class Metrics:
         self.window_start = (time.perf_counter(), 0)
         self.checked_step = 0  # steps up to this one passed the health check
         self.nonfinite_run = 0  # consecutive non-finite steps up to checked_step
+        self.resumed_log_every: int | None = None  # the logging interval of the checkpoint resumed from
 
     # ---------------------------------------------------------------- checkpoint contents
     def state_dict(self) -> dict[str, Any]:
@@ -81,27 +83,71 @@ class Metrics:
         self.best_test_elbo = math.inf if state["best_test_elbo"] is None else state["best_test_elbo"]
         self.nonfinite_run, self.checked_step = state["nonfinite_run"], step
         self.tracker_run_id = state["tracker_run_id"]
+        self.resumed_log_every = state.get("log_every_steps")  # the interval that wrote the records so far
 
-    def keep_through(self, step: int) -> None:
+    def keep_through(self, step: int, epochs: int = 0, resume_from: Callable[[int], Path | None] | None = None) -> None:
         """metrics.jsonl as a run continuing after `step` needs it (main process): the records a
         resumed run will log again are dropped, and so is a torn last line (a process killed while
-        writing it), with one warning. Any other damage raises MetricsFileError naming the line."""
+        writing it), with one warning; a last record without its newline gets one. Raises
+        MetricsFileError, before anything is changed, for any other damage, and when records the
+        checkpoint covers (steps up to `step`, `epochs` test records) are missing: a resume would
+        leave them out for good. `resume_from(s)`: the newest checkpoint at or before step s, to offer;
+        None for a checkpoint from another run.dir, whose records this file never held (no check)."""
         if not self.is_main:
             return
+        path = self.file.path  # a file: vae_dist.run.check_run_files refused anything else
         try:
             records, torn = self.file.read_checked()
+        except OSError as err:
+            raise MetricsFileError(
+                f"{path} cannot be read ({err.strerror or err}); fix its permissions to resume, or choose a new run.dir."
+            ) from None
         except ValueError as err:
             raise MetricsFileError(
                 f"{err} Repair or delete that line (or the file) to resume this run, or choose a new run.dir."
             ) from None
+        if resume_from is not None:
+            self.check_covered(records, step, epochs, resume_from)
         if torn is not None:
             warnings.warn(
-                f"{self.file.path}: dropped its last line, torn by a process that stopped while writing it "
+                f"{path}: dropped its last line, torn by a process that stopped while writing it "
                 f"({torn[:60]!r}); the steps it covered are logged again.",
                 stacklevel=2,
             )
-        if torn is not None or any(r.get("step", 0) > step for r in records):
+        if torn is not None or not self.file.terminated() or any(r.get("step", 0) > step for r in records):
             self.file.truncate_after(step)
+
+    def check_covered(
+        self, records: list[dict], step: int, epochs: int, resume_from: Callable[[int], Path | None]
+    ) -> None:
+        """Raise MetricsFileError when the records stop before the checkpoint at `step` (the file lost
+        its tail: a damaged disk, a copy from elsewhere): the train record of the last logging window
+        the checkpoint closed, and the test record of each of its `epochs` completed epochs, must be there."""
+        if step == 0:
+            return  # a fresh start: what the file holds is dropped with the steps it covered
+        every = self.resumed_log_every or self.cfg.tracking.log_every_steps
+        train = [r["step"] for r in records if r.get("split") == "train" and r.get("step", 0) <= step]
+        tested = {r.get("epoch") for r in records if r.get("split") == "test" and r.get("step", 0) <= step}
+        due = step - step % every
+        missing_train = due > 0 and (not train or max(train) < due)
+        missing_test = [e for e in range(1, epochs + 1) if e not in tested]
+        if not missing_train and not missing_test:
+            return
+        last = max([0, *(r.get("step", 0) for r in records)])
+        what = f"its train records stop at step {max(train, default=0)}" if missing_train else ""
+        if missing_test:
+            what += (" and " if what else "") + f"the test record of epoch {missing_test[0]} is missing"
+        earlier = resume_from(last if not missing_test else min(last, missing_test[0] * self.steps_per_epoch - 1))
+        offer = (
+            f"resume from {earlier} with train.resume={earlier} (the steps after it are trained and logged again)"
+            if earlier
+            else "move the checkpoints aside to train anew"
+        )
+        raise MetricsFileError(
+            f"{self.file.path} lacks records that the checkpoint of step {step} covers ({what}): the file lost "
+            f"part of its end, and a resume would leave those steps out of the run's records. Restore the file "
+            f"from a copy, or {offer}, or choose a new run.dir."
+        )
 
     # ---------------------------------------------------------------- start and end
     def start(self, run_info: dict[str, Any], epoch: int, step_in_epoch: int, crowded: str | None = None) -> None:
@@ -183,7 +229,10 @@ class Metrics:
 
     def check_before_save(self, step: int) -> None:
         """The health check of the steps not yet checked, before a checkpoint (which never holds
-        diverged weights): agreed by every rank."""
+        diverged weights): agreed by every rank. The records written so far go to disk first, so that a
+        checkpoint never covers records a crash of the machine could take back."""
+        if self.is_main:
+            self.file.sync()
         first, last = self.checked_step - self.window_start[1], step - self.window_start[1]
         if last == first:
             return
@@ -265,6 +314,7 @@ class Metrics:
             "final_test_elbo": test.get("elbo", math.nan),
             "best_test_elbo": self.best_test_elbo,
             "steps": step,
+            "steps_here": step - start_step,  # this process's share: 0 for a rerun that had nothing to train
             "seconds": elapsed,  # the training loop, epoch-end evaluation, pictures and checkpoints included
             "examples_per_s": (step - start_step) * self.cfg.train.batch_size / max(elapsed, 1e-9),
             "startup_seconds": loop_end - elapsed - times["started"],
@@ -287,7 +337,12 @@ class Metrics:
                 ("start-up", f"{s['startup_seconds']:.1f} s ({phases})"),
                 ("training loop", f"{s['seconds']:.1f} s, evaluation, pictures and checkpoints included"),
                 ("after the loop", f"{s['final_seconds']:.1f} s (final evaluation, checkpoint, export)"),
-                ("throughput", f"{s['examples_per_s']:.0f} examples/s"),
+                (
+                    "throughput",
+                    f"{s['examples_per_s']:.0f} examples/s"
+                    if s["steps_here"]
+                    else "none: no optimizer step ran in this process",
+                ),
                 ("run directory", str(self.run_dir)),
             ],
         )

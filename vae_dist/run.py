@@ -95,9 +95,31 @@ def build_state(cfg: Config) -> tuple[PartialState, str | None]:
     return state, crowded
 
 
+# The files a run writes at the top of run.dir, and what each holds.
+RUN_FILES = {
+    ".lock": "its lock",
+    "config.yaml": "the run's config",
+    "metrics.jsonl": "the run's records",
+    "runtime.json": "the run's environment",
+}
+
+
+def check_run_files(run_dir: Path) -> None:
+    """A ConfigError when one of RUN_FILES is there but is not a file (a folder in its place): the
+    run would stop, or fail to resume, at the first write, so it is refused before anything is written."""
+    for name, what in RUN_FILES.items():
+        path = run_dir / name
+        if path.exists() and not path.is_file():
+            raise ConfigError(
+                f"{path} is not a file (a folder?), where vae-train keeps {what}; move it aside "
+                f"(mv {path} {path}.aside) and rerun, or choose a new run.dir."
+            )
+
+
 def lock_run_dir(run_dir: Path) -> RunLock:
     """Hold run.dir for this run (main process): refused while another live run holds it, and a
     ConfigError when the folder cannot be written, before anything is written into it."""
+    check_run_files(run_dir)
     lock = RunLock(run_dir)
     try:
         lock.acquire()

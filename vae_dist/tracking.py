@@ -98,24 +98,48 @@ class MetricsFile:
         """The records, and the torn last line that was dropped (None when there was none).
 
         A process killed in the middle of `write` leaves a last line without its end; it is dropped
-        (a resumed run logs that step again). Any other line that is not JSON raises ValueError
-        naming the file and the line."""
+        (a resumed run logs that step again). Any other line that is not JSON (or not text) raises
+        ValueError naming the file and the line."""
         if not self.path.exists():
             return [], None
-        lines = self.path.read_text().splitlines()
+        lines = self.path.read_bytes().splitlines()
         records, torn = [], None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
+                record = json.loads(raw.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                records.append(record)
+            except (UnicodeDecodeError, ValueError) as err:
                 if number < len(lines):
-                    raise ValueError(
-                        f"{self.path} line {number} is not JSON ({err.msg}): the file is damaged."
-                    ) from None
-                torn = line
+                    why = getattr(err, "msg", None) or (
+                        "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else err
+                    )
+                    raise ValueError(f"{self.path} line {number} is not JSON ({why}): the file is damaged.") from None
+                torn = raw.decode("utf-8", "replace")
         return records, torn
+
+    def terminated(self) -> bool:
+        """Whether the file ends with a newline (or is empty, or absent): the next record starts a line of its own."""
+        if not self.path.exists():
+            return True
+        with self.path.open("rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def sync(self) -> None:
+        """On disk, not only in the page cache: a checkpoint written after this never covers records a
+        crash of the machine could take back."""
+        if self.path.exists():
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after `step`: a resumed run replays those steps and logs them again."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from vae_dist.checkpoint import CheckpointError, CheckpointManager, RNGState
+from vae_dist.checkpoint import CheckpointError, CheckpointManager, RNGState, checkpoints_dir, latest_valid
 from vae_dist.config import Config, ConfigError
 from vae_dist.data import Split, load_data
 from vae_dist.evaluate import evaluate_elbo
@@ -98,7 +98,14 @@ class Trainer:
             cfg, acc, self.model, self.step_fn, states, agree=self.run.any_rank, check=self.metrics.check_before_save
         )
         resumed = self.checkpoints.resume()
-        self.run.on_main(lambda: self.metrics.keep_through(self.step), MetricsFileError)
+        # A checkpoint of this run.dir covers the records up to its step; one from elsewhere (a warm
+        # start with train.resume=PATH) starts this run.dir's records at its step.
+        own = resumed is not None and resumed.resolve().parent == checkpoints_dir(self.run_dir).resolve()
+        earlier = lambda step: latest_valid(self.run_dir, warn=False, at_most=step)  # noqa: E731
+        self.run.on_main(
+            lambda: self.metrics.keep_through(self.step, self.epoch if own else 0, earlier if own else None),
+            MetricsFileError,
+        )
         if resumed and not self.finished():
             where = f"epoch {self.epoch}, step {self.step_in_epoch}"
             self.console.print(f"resumed from {resumed} at step {self.step} ({where})")
