@@ -264,3 +264,13 @@ def test_recipe_keys_are_checked() -> None:
     cfg = load_config(REPO / "configs" / "iwae_paper_iwae.yaml", ["model.estimator=dreg"])
     assert (cfg.model.activation, cfg.model.hidden_dims, cfg.model.z_dim) == ("tanh", [200, 200], 50)
     assert (cfg.optim.eps, cfg.optim.schedule, cfg.train.batch_size, cfg.train.epochs) == (1e-4, "iwae_paper", 20, 3280)
+
+
+def test_a_folder_as_config_names_its_files(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("train:\n  epochs: 1\n")
+    (tmp_path / "b.yaml").write_text("train:\n  epochs: 2\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"--config .* is a folder \(it holds a.yaml, b.yaml\); pass one YAML file, e.g. --config .*a.yaml",
+    ):
+        load_config(tmp_path)

@@ -152,6 +152,22 @@ def test_unloadable_weights_exit_2_naming_the_file(tmp_path: Path, data_root: Pa
     assert "mu.weight: file (3, 32) vs model (4, 32)" in err
 
 
+def test_a_damaged_model_without_a_config_is_named_before_the_data_is_looked_for(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """No config.yaml beside it and no --data-root: the damaged weights are the problem to report, not
+    the MNIST download that the default data.root would otherwise try."""
+    monkeypatch.chdir(tmp_path)
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main([str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{weights} is not a readable safetensors file" in err
+    assert not (tmp_path / "data").exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -57,6 +57,25 @@ def test_oversubscribed_cores_are_one_warning_line_not_a_refusal(monkeypatch, ca
     assert set_cpu_threads(2, 1) is None
 
 
+def test_the_crowded_cores_warning_names_the_option_of_the_running_command(monkeypatch) -> None:
+    """vae-train: train.cpu_threads; vae-evaluate: --cpu-threads; a seed of vae-seeds (which sets the
+    threads itself): --parallel."""
+    import vae_dist.processes as processes
+
+    monkeypatch.delenv(processes.UNDER_SEEDS, raising=False)
+    monkeypatch.setattr(processes, "usable_cores", lambda: 2)
+    monkeypatch.setattr(processes.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(processes, "busy_elsewhere", lambda: 2)
+    assert "give each run its share with train.cpu_threads" in processes.oversubscribed(2)
+    evaluate = processes.oversubscribed(2, 1, "--cpu-threads")
+    assert "give each its share with --cpu-threads" in evaluate and "train.cpu_threads" not in evaluate
+    assert "lower --cpu-threads" in processes.oversubscribed(3, 1, "--cpu-threads")
+    monkeypatch.setenv(processes.UNDER_SEEDS, "1")
+    seed = processes.oversubscribed(1, 2)
+    assert "vae-seeds --parallel" in seed and "train.cpu_threads" not in seed
+    assert "vae-seeds --parallel" in processes.oversubscribed(3)
+
+
 def test_busy_elsewhere_reads_the_running_threads() -> None:
     from vae_dist.processes import busy_elsewhere
 

@@ -209,3 +209,46 @@ def test_a_malformed_mark_is_one_sentence_and_exit_2(tmp_path: Path, capsys, mar
         main([str(tmp_path / "seed-0"), "--plot", str(tmp_path / "c.png"), "--mark", mark])
     assert exit_info.value.code == 2
     assert "--mark" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`vae-results runs/ | head`: the reader closes the pipe before the table is written; the command
+    ends with 141 (128 + SIGPIPE, as a shell shows for tools the signal ends) and no traceback."""
+    import os
+
+    for seed in range(2):
+        fake_run(tmp_path / "runs" / f"seed-{seed}", seed, [100.0, 95.0, 90.0 + seed])
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    proc = subprocess.run(
+        [sys.executable, "-m", "vae_dist.results", str(tmp_path / "runs")],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_compare_says_when_a_row_has_one_run(tmp_path: Path, capsys) -> None:
+    fake_run(tmp_path / "a" / "seed-0", 0, [100.0, 95.0, 90.0])
+    fake_run(tmp_path / "b" / "seed-0", 0, [100.0, 95.0, 91.0], "model.z_dim=3")
+    code, out, err = results(capsys, str(tmp_path / "a"), str(tmp_path / "b"), "--compare")
+    assert code == 0
+    assert "has one run" in err or "have one run" in err
+    assert "add seeds to compare" in err
+
+
+def test_plot_of_runs_shorter_than_an_epoch_is_refused_and_one_epoch_is_drawn(tmp_path: Path, capsys) -> None:
+    short = tmp_path / "short"
+    short.mkdir()
+    cfg = load_config(None, [f"run.dir={short}", "train.max_steps=20"])
+    (short / "config.yaml").write_text(cfg.to_yaml())
+    MetricsFile(short / "metrics.jsonl").write({"split": "test", "epoch": 0, "step": 20, "loss": 150.0, "elbo": 150.0})
+    png = tmp_path / "short.png"
+    code, _, err = results(capsys, str(short), "--plot", str(png))
+    assert code == 2 and "nothing to draw, no run given has finished an epoch" in err
+    assert not png.exists()
+    one = fake_run(tmp_path / "one", 0, [120.0], finished=False)
+    code, _, err = results(capsys, str(one), "--plot", str(png))
+    assert code == 1 and png.is_file()  # 1: no finished run to average; the unfinished one is drawn

@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vae_dist.bench_loops import LOOPS, Context, has_real_data
+from vae_dist.pipes import quiet_when_the_reader_leaves
 
 EXIT_BAD_INPUT = 2
 VARIANTS = ("original", "minimal", "floor", "toolkit")
@@ -368,6 +369,7 @@ def render(result: dict) -> str:
 
 
 # ---------------------------------------------------------------- entry point
+@quiet_when_the_reader_leaves
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

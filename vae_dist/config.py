@@ -456,6 +456,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     errors: list[str] = []  # a bad section or override is reported with every other problem, not alone
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            names = sorted(p.name for p in path.glob("*.yaml"))
+            holds = f" (it holds {', '.join(names)})" if names else ""
+            raise ConfigError(
+                f"--config {path} is a folder{holds}; pass one YAML file, e.g. --config {path / (names[0] if names else 'mnist.yaml')}."
+            )
         if not path.is_file():
             raise ConfigError(
                 f"config file {path} does not exist; pass one of the files in configs/, e.g. --config configs/mnist.yaml."

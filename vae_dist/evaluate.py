@@ -37,6 +37,7 @@ from vae_dist.config import DataConfig, read_yaml
 from vae_dist.data import BINARIZE_SEED, DataError, binarize, load_data, to_unit
 from vae_dist.files import pickle_kind, pickle_refusal
 from vae_dist.model import VAE, ModelFileError, log_weights, loss_terms
+from vae_dist.pipes import quiet_when_the_reader_leaves
 from vae_dist.processes import LaunchError, check_launch, set_cpu_threads
 from vae_dist.streams import EVAL_STREAM, IWAE_STREAM, TERMS, seed_for
 
@@ -286,6 +287,7 @@ def print_table(result: dict) -> None:
     Console(highlight=False).print(table)
 
 
+@quiet_when_the_reader_leaves
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -295,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as err:
         print(f"vae-evaluate: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    crowded = set_cpu_threads(args.cpu_threads, acc.num_processes) if acc.device.type == "cpu" else None
+    crowded = (
+        set_cpu_threads(args.cpu_threads, acc.num_processes, "--cpu-threads") if acc.device.type == "cpu" else None
+    )
     try:
         model_dir = resolve_model_dir(args.model)
         run_data, run_config = training_data_config(model_dir)
@@ -309,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                 "--binarize-seed re-binarizes the test split, but it is evaluated in grayscale (binarize none); "
                 "add --binarize dynamic (or static), or drop --binarize-seed."
             )
+        # The model first: a damaged file is named as such, before the data (perhaps a download) is tried.
+        model = load_model(model_dir, acc.device)
         _, test = load_data(data_cfg if args.binarize_seed is None else replace(data_cfg, binarize="none"))
         if args.binarize_seed is not None:
             test.images = binarize(test.images, torch.Generator().manual_seed(args.binarize_seed))
-        model = load_model(model_dir, acc.device)
         x_dim = model.config_dict["x_dim"]
         if test.images.shape[1] != x_dim:
             raise EvalInputError(

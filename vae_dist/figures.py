@@ -311,6 +311,8 @@ def learning_curves(series: list[dict[str, Any]], path: Path, marks: dict[str, f
                 style,
                 color=color,
                 lw=1.5,
+                marker="o" if len(xs) <= 30 else None,  # a one-epoch run is a single point: visible
+                ms=3,
                 label=f"{s['label']}: {s['measure']}, n = {n}{tail} ({last} at epoch {xs[-1]:g})",
             )
             if n > 1:

@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vae_dist.pipes import quiet_when_the_reader_leaves
+
 REPO = Path(__file__).resolve().parent.parent
 FLOOR_RATIO = 0.8  # toolkit / graph floor at batch 100
 REFERENCE_WALL_S = 20.0  # the 40-epoch reference experiment, process start to exit
@@ -346,6 +348,7 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@quiet_when_the_reader_leaves
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="gpu-check",

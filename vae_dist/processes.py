@@ -39,19 +39,24 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def set_cpu_threads(threads: int | None, num_processes: int) -> str | None:
+# vae-seeds sets this in each seed's environment: there the seeds' share is chosen by --parallel, and
+# train.cpu_threads is set already, so the warning names the option the user can change.
+UNDER_SEEDS = "VAE_DIST_UNDER_SEEDS"
+
+
+def set_cpu_threads(threads: int | None, num_processes: int, option: str = "train.cpu_threads") -> str | None:
     """`threads` torch threads, or this machine's usable cores shared between its processes; returns
     why the cores are oversubscribed (`oversubscribed`) on local rank 0, else None. The command says
     it in one warning line once its work starts, so that a run refused at start (a bad input, a
     run.dir in use) still says only why.
 
     `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core
-    machine's speed."""
+    machine's speed. `option`: what the user sets the thread count with (vae-evaluate: --cpu-threads)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
     threads = threads or max(1, usable_cores() // local)
     torch.set_num_threads(threads)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per machine, not one per process
-        return oversubscribed(threads, local)
+        return oversubscribed(threads, local, option)
     return None
 
 
@@ -73,16 +78,17 @@ def busy_elsewhere(samples: int = 5, interval_s: float = 0.02) -> int | None:
     return max(0, min(counts) - 1)
 
 
-def oversubscribed(threads: int, local_processes: int = 1) -> str | None:
+def oversubscribed(threads: int, local_processes: int = 1, option: str = "train.cpu_threads") -> str | None:
     """Why `threads` torch threads in each of `local_processes` processes would oversubscribe this
     machine's cores, or None. Two 2-thread runs side by side on 2 cores ran 10-20x slower each, not
     2x (OpenMP threads spin while they wait for each other), so this is worth a line at the start."""
     cores, total = usable_cores(), os.cpu_count() or 1
+    seeds = os.environ.get(UNDER_SEEDS) == "1"
     if threads * local_processes > cores:
+        fix = "run fewer seeds at once (vae-seeds --parallel)" if seeds else f"lower {option}"
         return (
             f"{local_processes} x {threads} torch threads on {cores} usable cores: the threads oversubscribe the "
-            "cores and each runs many times slower; lower train.cpu_threads (or --cpu-threads) so that processes "
-            "x threads <= cores."
+            f"cores and each runs many times slower; {fix} so that processes x threads <= cores."
         )
     busy = busy_elsewhere()
     # The other processes of this launch are starting too and may be among the running threads.
@@ -91,10 +97,18 @@ def oversubscribed(threads: int, local_processes: int = 1) -> str | None:
         return (
             f"{others} thread{'s' if others != 1 else ''} of other processes {'are' if others != 1 else 'is'} running on this machine's {total} cores, and this run "
             f"takes {threads * local_processes} more, so the cores are oversubscribed and every run on them slows "
-            "down many times over; give each run its share with train.cpu_threads (vae-seeds does), or run them "
-            "one after another."
+            f"down many times over; {share_advice(option, seeds)}"
         )
     return None
+
+
+def share_advice(option: str, seeds: bool) -> str:
+    """How to give the cores back, in the terms of the command that is running."""
+    if seeds:
+        return "run fewer seeds at once (vae-seeds --parallel), or the other work after the sweep."
+    if option == "train.cpu_threads":
+        return "give each run its share with train.cpu_threads (vae-seeds does), or run them one after another."
+    return f"give each its share with {option}, or run them one after another."
 
 
 def cpu_model() -> str:

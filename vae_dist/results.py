@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vae_dist.config import ConfigError, config_from_dict, read_yaml
+from vae_dist.pipes import quiet_when_the_reader_leaves
 from vae_dist.tracking import MetricsFile
 
 EXIT_NOTHING_FINISHED = 1  # the runs exist, none has finished: the list says why
@@ -48,6 +49,10 @@ MEASURES = ("final_elbo", "best_elbo", "nll", "examples_per_s")
 
 class NotARun(ValueError):
     """A path given to vae-results is neither a run directory nor an original-script output."""
+
+
+class NothingToPlot(ValueError):
+    """--plot was asked for, but no run has a point to draw."""
 
 
 @dataclass
@@ -514,9 +519,15 @@ def plot(
                     "finished": False,
                 }
             )
+    if not any(c for s in series for c in s["curves"]) and not any(p for s in series for p in s["nll"]):
+        raise NothingToPlot(
+            f"--plot {path}: nothing to draw, no run given has finished an epoch (the curves are test measures "
+            "against epochs); plot again once one has, or read the table above."
+        )
     return learning_curves(series, path, marks)
 
 
+@quiet_when_the_reader_leaves
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -541,8 +552,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=1))
     else:
         print(markdown(rows, unfinished, notes, diffs))
+    if args.compare and len(rows) > 1:
+        single = [r["runs"] for r in rows if r["final_elbo"] and r["final_elbo"]["std"] is None]
+        if single:
+            print(
+                f"vae-results: --compare: {', '.join(single)} {'has' if len(single) == 1 else 'have'} one run, so "
+                "the spread over seeds, and the standard error of a difference, is unknown; add seeds to compare.",
+                file=sys.stderr,
+            )
     if args.plot:
-        print(f"vae-results: wrote {plot(rows, runs, unfinished, Path(args.plot), args.marks)}", file=sys.stderr)
+        try:
+            print(f"vae-results: wrote {plot(rows, runs, unfinished, Path(args.plot), args.marks)}", file=sys.stderr)
+        except NothingToPlot as err:
+            print(f"vae-results: error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if not rows:
         print("vae-results: no run among the paths given has finished; nothing to average.", file=sys.stderr)
         return EXIT_NOTHING_FINISHED

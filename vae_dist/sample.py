@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vae_dist.pipes import quiet_when_the_reader_leaves
+
 EXIT_BAD_INPUT = 2
 MODEL_FILES = ("model.safetensors", "config.json")
 
@@ -214,6 +216,7 @@ def _test_inputs(folder: Path, args: argparse.Namespace, model, figures):
     return chosen, pairs, test.images
 
 
+@quiet_when_the_reader_leaves
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:

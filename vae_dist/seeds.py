@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vae_dist.config import Config, ConfigError, load_config
+from vae_dist.pipes import quiet_when_the_reader_leaves
 
 EXIT_OK = 0
 EXIT_NOT_ALL_FINISHED = 1
@@ -133,6 +134,9 @@ def plan(cfg: Config, seeds: list[int], parallel: int | None, overrides: list[st
     share = "all cores" if width == 1 and threads >= cores else f"{threads} of {cores} cores"
     for run in runs:
         run.env = {"CUDA_VISIBLE_DEVICES": ""} if cfg.train.device == "cpu" else {}
+        run.env["VAE_DIST_UNDER_SEEDS"] = (
+            "1"  # vae_dist.processes.UNDER_SEEDS: a crowded-cores warning names --parallel
+        )
         if chosen is None:
             run.overrides.append(f"train.cpu_threads={threads}")
             run.env["OMP_NUM_THREADS"] = str(threads)  # also any OpenMP pool started before torch's setting
@@ -258,6 +262,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@quiet_when_the_reader_leaves
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
