@@ -281,3 +281,38 @@ def test_a_rerun_with_nothing_to_train_says_so_instead_of_a_throughput(
     out = capfd.readouterr().out
     assert "throughput: none: no optimizer step ran in this process" in out
     assert "0 examples/s" not in out
+
+
+def test_a_stop_after_an_epochs_evaluation_logs_its_test_record_once(runs: dict, tmp_path: Path) -> None:
+    """The checkpoint of an epoch's last step is taken before that epoch's evaluation (checkpoint.every_steps);
+    a run stopped after the evaluation resumes from it and evaluates again: the test record it wrote
+    before the stop is replaced, not doubled. (Found by the kill -9 loop comparing records.)"""
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from vae_dist.config import load_config
+    from vae_dist.trainer import Trainer
+
+    overrides = [
+        *runs["overrides"],
+        f"run.dir={tmp_path / 'run'}",
+        "checkpoint.every_steps=8",
+        "checkpoint.every_epochs=0",
+    ]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    trainer = Trainer(load_config(None, overrides))
+    evaluate = trainer.evaluate
+
+    def evaluate_then_stop():
+        result = evaluate()
+        signal.raise_signal(signal.SIGTERM)  # lands while the epoch-end work runs: the run stops after it
+        return result
+
+    trainer.evaluate = evaluate_then_stop
+    summary = trainer.fit()
+    assert summary["preempted"] and summary["steps"] == 8
+    assert [r["split"] for r in records(tmp_path / "run")][-1] == "test"
+    assert train_main(overrides) == 0
+    assert records(tmp_path / "run") == records(runs["ref"])

@@ -114,8 +114,8 @@ class Metrics:
                 f"({torn[:60]!r}); the steps it covered are logged again.",
                 stacklevel=2,
             )
-        if torn is not None or not self.file.terminated() or any(r.get("step", 0) > step for r in records):
-            self.file.truncate_after(step)
+        if torn is not None or not self.file.terminated() or any(self.file.replayed(r, step, epochs) for r in records):
+            self.file.truncate_after(step, epochs)
 
     def check_covered(
         self, records: list[dict], step: int, epochs: int, resume_from: Callable[[int], Path | None]

@@ -141,9 +141,18 @@ class MetricsFile:
             finally:
                 os.close(fd)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records logged after `step`: a resumed run replays those steps and logs them again."""
-        kept = [r for r in self.read() if r.get("step", 0) <= step]
+    @staticmethod
+    def replayed(record: dict[str, Any], step: int, epochs: int | None = None) -> bool:
+        """Whether a run resumed at `step` with `epochs` completed epochs logs `record` again: a record
+        of a later step, or the test record of an epoch the checkpoint did not complete (a checkpoint
+        taken at an epoch's last step, before its evaluation)."""
+        later = record.get("step", 0) > step
+        unclosed = epochs is not None and record.get("split") == "test" and (record.get("epoch") or 0) > epochs
+        return later or unclosed
+
+    def truncate_after(self, step: int, epochs: int | None = None) -> None:
+        """Drop the records a run resumed at `step` (with `epochs` completed) logs again (`replayed`)."""
+        kept = [r for r in self.read() if not self.replayed(r, step, epochs)]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 

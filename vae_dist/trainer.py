@@ -103,7 +103,7 @@ class Trainer:
         own = resumed is not None and resumed.resolve().parent == checkpoints_dir(self.run_dir).resolve()
         earlier = lambda step: latest_valid(self.run_dir, warn=False, at_most=step)  # noqa: E731
         self.run.on_main(
-            lambda: self.metrics.keep_through(self.step, self.epoch if own else 0, earlier if own else None),
+            lambda: self.metrics.keep_through(self.step, self.epoch, earlier if own else None),
             MetricsFileError,
         )
         if resumed and not self.finished():
