@@ -104,7 +104,7 @@ class Metrics:
             ) from None
         except ValueError as err:
             raise MetricsFileError(
-                f"{err} Repair or delete that line (or the file) to resume this run, or choose a new run.dir."
+                f"{err} Repair or delete that line to resume this run, or choose a new run.dir."
             ) from None
         if resume_from is not None:
             self.check_covered(records, step, epochs, resume_from)
