@@ -20,6 +20,7 @@ NUM_MACHINES=${NUM_MACHINES:-}        # required: machines taking part
 MACHINE_RANK=${MACHINE_RANK:-}        # required: 0 on the MAIN_IP machine, 1 .. NUM_MACHINES-1 on the others
 MAIN_IP=${MAIN_IP:-}                  # required: address of the MACHINE_RANK=0 machine that every machine reaches
 MAIN_PORT=${MAIN_PORT:-29500}         # rendezvous TCP port on MAIN_IP
+JOIN_TIMEOUT_S=${JOIN_TIMEOUT_S:-600} # seconds every machine waits for all NUM_MACHINES to join, then exits 2
 # Every missing setting in one sentence, as the other checks: exit 2, nothing started.
 missing=()
 [[ -n $NUM_MACHINES ]] || missing+=("NUM_MACHINES (the number of machines taking part)")
@@ -31,6 +32,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 [[ $NUM_MACHINES =~ ^[0-9]+$ && $NUM_MACHINES -ge 1 ]] || die "NUM_MACHINES=$NUM_MACHINES is not a number of machines (1 or more)."
 [[ $MACHINE_RANK =~ ^[0-9]+$ ]] || die "MACHINE_RANK=$MACHINE_RANK is not a rank: 0 .. $((NUM_MACHINES - 1))."
+[[ $JOIN_TIMEOUT_S =~ ^[0-9]+$ && $JOIN_TIMEOUT_S -ge 1 ]] || die "JOIN_TIMEOUT_S=$JOIN_TIMEOUT_S is not a number of seconds (1 or more)."
 CPU=${CPU:-0}                         # 1: CPU processes in a gloo group, GPUs hidden
 if [[ $CPU == 1 ]]; then
   export CUDA_VISIBLE_DEVICES=""
@@ -57,11 +59,17 @@ if [[ $(( NUM_MACHINES * GPUS )) -lt 2 ]]; then
 fi
 
 # c10d: torchrun's rendezvous through a TCP store on MAIN_IP:MAIN_PORT; it waits for all
-# NUM_MACHINES machines, so a missing machine shows as a wait, not as a wrong world size.
-cmd=(accelerate launch --multi_gpu
+# NUM_MACHINES machines, JOIN_TIMEOUT_S at most. Under c10d MACHINE_RANK does not order the ranks
+# (torchrun: "node_rank is only used for static rdzv_backend"): process rank 0, which writes the
+# checkpoints, may run on any machine, so run.dir must be on a filesystem every machine sees.
+# vae_dist.machines is `accelerate launch` plus what several machines need: the rendezvous host and
+# the network interface found from MAIN_IP, a join that counts the machines, and the training
+# processes' own exit code (76: a peer stopped answering) instead of a launcher traceback.
+cmd=(python -m vae_dist.machines --multi_gpu
   --num_processes "$(( NUM_MACHINES * GPUS ))"  # over all machines
   --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK"
   --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT" --rdzv_backend c10d
+  --rdzv_conf "join_timeout=$JOIN_TIMEOUT_S"
   --mixed_precision no --dynamo_backend no  # precision: train.precision (see launch/single_box.sh)
   vae_dist/train.py --config "$CONFIG")
 [[ -z $RUN_DIR ]] || cmd+=("run.dir=$RUN_DIR")

@@ -76,6 +76,20 @@ run_requeueable() {
     log "training finished"
     return 0
   fi
+  if [[ -z $SIGNAL && $rc == 76 ]]; then
+    # 76: a training process lost its peer (a node died or the network split, vae_dist/peers.py).
+    # Slurm requeues a job whose node failed by itself once it notices (SlurmdTimeout); a partition
+    # it never notices. Either way the run resumes from its newest checkpoint on the nodes Slurm gives.
+    log "a training process lost its peer (exit 76); newest checkpoint: $(newest_checkpoint)"
+    if [[ ${SLURM_RESTART_COUNT:-0} -ge ${MAX_PEER_REQUEUES:-3} ]]; then
+      log "not requeueing: $SLURM_RESTART_COUNT restarts already (MAX_PEER_REQUEUES=${MAX_PEER_REQUEUES:-3})"
+      return "$rc"
+    fi
+    log "requeueing job $SLURM_JOB_ID: it resumes from that checkpoint (train.resume=auto)"
+    trap '' USR1 TERM INT
+    scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed (Slurm may be requeueing the job for a failed node itself)"
+    return 0
+  fi
   if [[ -z $SIGNAL ]]; then
     log "training failed (exit $rc)"
     return "$rc"

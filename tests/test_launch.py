@@ -74,7 +74,9 @@ def test_a_dry_run_without_gpus_still_prints_the_command(script: Path) -> None:
     proc = dry_run(script, env)
     if "no GPU found" not in proc.stderr:
         pytest.skip("nvidia-smi found GPUs in /usr/bin")
-    assert proc.returncode == 0 and proc.stdout.startswith("accelerate launch --multi_gpu ")
+    # multi_box.sh: accelerate launch through vae_dist.machines (what several machines need on top)
+    launcher = "accelerate launch" if script == SINGLE_BOX else "python -m vae_dist.machines"
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{launcher} --multi_gpu ")
     assert flags(proc.stdout)["--num_processes"] == ("8" if script == SINGLE_BOX else "16")
     assert "the command below is for GPUS=8" in proc.stderr and "set GPUS=N" in proc.stderr
 
@@ -118,6 +120,7 @@ def test_multi_box_builds_the_rendezvous(rank: int) -> None:
     assert (
         f["--main_process_ip"] == "10.0.0.1" and f["--main_process_port"] == "29555" and f["--rdzv_backend"] == "c10d"
     )
+    assert f["--rdzv_conf"] == "join_timeout=600"  # JOIN_TIMEOUT_S's default
     assert "--multi_gpu" in proc.stdout and proc.stdout.split()[-1] == "train.epochs=1"
 
 

@@ -6,9 +6,13 @@
 
 Skipped, with the reason, when no cluster answers `sinfo` (failed instead with
 VAE_DIST_REQUIRE_SLURM=1). Jobs run as CPU jobs: CPU=1, two training processes in a gloo group, on
-tiny generated MNIST files. Two nodes cannot be simulated on one machine, so the multi-node script
-is checked through the command it builds from a given Slurm environment (DRY_RUN=1), and run for
-real on one node.
+tiny generated MNIST files. The multi-node script is checked through the command it builds from a
+given Slurm environment (DRY_RUN=1) and run for real on one node; the tests marked `multinode` run it
+on several nodes, each a network namespace with its own hostname and slurmd (skipped unless
+`SLURM_TEST_NODES=3 tests/slurm/cluster.sh up` made them):
+
+    sudo SLURM_TEST_NODES=3 tests/slurm/cluster.sh up
+    .venv/bin/python -m pytest -m "slurm and multinode" tests/test_slurm.py
 """
 
 from __future__ import annotations
@@ -76,9 +80,9 @@ def overrides(data: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in {**base, **extra}.items()]
 
 
-def submit(script: Path, run_dir: Path, log: Path, args: list[str], *sbatch_opts: str) -> str:
-    """sbatch a CPU job from the repository root; returns the job id."""
-    env = {**os.environ, "CPU": "1", "GPUS": "2", "MAIN_PORT": str(free_port()), "RUN_DIR": str(run_dir)}
+def submit(script: Path, run_dir: Path, log: Path, args: list[str], *sbatch_opts: str, gpus: int = 2) -> str:
+    """sbatch a CPU job (`gpus` training processes per node) from the repository root; returns the job id."""
+    env = {**os.environ, "CPU": "1", "GPUS": str(gpus), "MAIN_PORT": str(free_port()), "RUN_DIR": str(run_dir)}
     proc = subprocess.run(
         [
             "sbatch",
@@ -381,3 +385,83 @@ def test_an_array_task_requeues_itself_on_usr1_and_resumes_its_own_seed(
     assert "restart 1 " in text and re.search(STOPPED_AT + r"\S*seed-1/checkpoints/step-\d+", text)
     assert train_steps(run)[-1] == 200 and train_steps(run) == sorted(set(train_steps(run)))
     assert "seed: 1\n" in (run / "config.yaml").read_text() and sorted(p.name for p in sweep.iterdir()) == ["seed-1"]
+
+
+def namespace_nodes() -> list[str]:
+    """The idle nodes of a `SLURM_TEST_NODES=N tests/slurm/cluster.sh up` cluster (vaenode1..N)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True).stdout
+    return [
+        n for n, state in (line.split() for line in out.splitlines()) if n.startswith("vaenode") and state == "idle"
+    ]
+
+
+def needs_nodes(n: int) -> None:
+    if len(namespace_nodes()) < n and not (REQUIRED and os.environ.get("SLURM_TEST_NODES")):
+        pytest.skip(f"needs {n} idle namespace nodes: SLURM_TEST_NODES={n} tests/slurm/cluster.sh up (as root)")
+
+
+def one_process_weights(data: Path, run_dir: Path, args: list[str]) -> dict[str, torch.Tensor]:
+    """The same run in one process: what the multi-node jobs must end equal to (to 1e-5, fp32)."""
+    cmd = [sys.executable, "-m", "vae_dist.train", *args, f"run.dir={run_dir}", "train.device=cpu"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def assert_close(ref: dict[str, torch.Tensor], run_dir: Path) -> None:
+    got = load_file(str(run_dir / "model.safetensors"))
+    for key, value in ref.items():
+        rel = ((got[key] - value).norm() / value.norm()).item()
+        assert rel < 1e-5, (key, rel)
+
+
+NODES_SH = REPO / "tests" / "cluster" / "nodes.sh"
+CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
+
+
+@pytest.mark.multinode
+def test_multi_node_job_on_two_nodes_trains_like_one_process(data: Path, tmp_path: Path, jobs: list[str]) -> None:
+    needs_nodes(2)
+    args = overrides(data, **{"train.batch_size": 100, "train.epochs": 2, "tracking.log_every_steps": 4})
+    ref = one_process_weights(data, tmp_path / "one", args)
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    jobs.append(job := submit(MULTI, run, log, args, "--nodes=2", "--cpus-per-task=1", gpus=1))
+    wait_for(lambda: job_gone(job), 240, "the two-node job to end", log)
+    text = log.read_text()
+    assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
+    assert "2 nodes x 1 processes" in text and re.search(r"on vaenode\[\d-\d\]|on vaenode\d,vaenode\d", text), text
+    assert_close(ref, run)
+
+
+@pytest.mark.multinode
+def test_a_node_failure_requeues_the_job_which_finishes_with_the_same_numbers(
+    data: Path, tmp_path: Path, jobs: list[str]
+) -> None:
+    """kill -9 of everything on one of the job's two nodes (its slurmd too): the other node's process
+    exits 76 within seconds, Slurm marks the node DOWN after SlurmdTimeout and requeues the job, which
+    resumes on the two nodes left and ends equal to one process's run."""
+    needs_nodes(3)
+    args = overrides(data, **{"train.batch_size": 100, "train.epochs": 40, "tracking.log_every_steps": 4})
+    args.append("dist.timeout_s=12")
+    ref = one_process_weights(data, tmp_path / "one", args)
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    jobs.append(job := submit(MULTI, run, log, args, "--nodes=2", "--cpus-per-task=1", gpus=1))
+    wait_for(lambda: any(s >= 80 for s in train_steps(run)), 180, "80 training steps", log)
+    nodelist = subprocess.run(
+        ["scontrol", "show", "hostnames", job_field(job, "NodeList")], capture_output=True, text=True
+    )
+    victim = nodelist.stdout.split()[1]  # not the batch host: the job's log stays in one piece
+    subprocess.run([str(NODES_SH), "crash", victim], check=True)
+    try:
+        wait_for(lambda: job_field(job, "Restarts") == "1", 120, f"the requeue after {victim} failed", log)
+        wait_for(lambda: job_gone(job), 240, "the requeued job to end", log)
+    finally:
+        subprocess.run([str(CLUSTER_SH), "start-node", victim], capture_output=True)  # the node back for later tests
+    text = log.read_text()
+    assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
+    assert "stopped answering (" in text and "restart 1 on" in text, text[-3000:]
+    assert victim not in text.split("restart 1 on")[1].splitlines()[0]  # the requeued job ran elsewhere
+    steps = train_steps(run)
+    assert steps == sorted(set(steps)) and steps[-1] == 160, steps
+    assert_close(ref, run)

@@ -297,6 +297,18 @@ class TrackingConfig:
 
 
 @dataclass
+class DistConfig:
+    # Seconds a process waits for another that stopped answering (a dead node, a network partition)
+    # before the run exits 76; also the longest any collective may wait, so keep it above the longest
+    # stall of one rank that the others wait for (rank 0 writing a checkpoint, figures, W&B start-up).
+    timeout_s: float = 300.0
+
+    def problems(self) -> list[str]:
+        msg = _check(self.timeout_s, ge=4)
+        return [f"dist.timeout_s={self.timeout_s}: {msg}."] if msg else []
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"  # everything a run writes goes under this folder
 
@@ -312,6 +324,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from accelerate import Accelerator, PartialState
 
 from vae_dist.checkpoint import clear_stale_temps
 from vae_dist.config import Config, ConfigError
+from vae_dist.peers import PeerWatch
 from vae_dist.processes import check_launch, describe_processor, set_cpu_threads
 from vae_dist.runlock import RunLock, RunLocked
 from vae_dist.signals import StopSignals
@@ -76,7 +78,8 @@ def build_state(cfg: Config) -> tuple[PartialState, str | None]:
         # process group exists (PyTorch's CUDA Graphs notes: "Usage with DistributedDataParallel").
         # Overwritten, not defaulted: torchrun sets it to 1 in every worker it starts.
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
-    state = PartialState(cpu=cpu)
+    # dist.timeout_s bounds every collective (gloo's own default is 30 minutes); see vae_dist.peers.
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=cfg.dist.timeout_s))
     check_launch(state.num_processes)
     crowded = None
     if state.device.type == "cpu":
@@ -166,7 +169,11 @@ class Run:
             clear_stale_temps(self.dir)
         # The ranks agree on stop flags over a gloo group of their own: on NCCL no GPU stream waits for
         # it, and on gloo it never queues behind DDP's gradient all-reduces.
-        self.flag_group = dist.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+        several = accelerator.num_processes > 1
+        timeout = timedelta(seconds=cfg.dist.timeout_s)
+        self.flag_group = dist.new_group(backend="gloo", timeout=timeout) if several else None
+        # From here a process that stops answering ends the run within dist.timeout_s (vae_dist.peers).
+        self.peers = PeerWatch(self.dir, cfg.dist.timeout_s) if several else None
         self._flag: tuple[torch.Tensor, dist.Work] | None = None  # the all-reduce in flight
         self._agreed = False  # a stop every rank has agreed on
         self.ended = False
@@ -291,4 +298,6 @@ class Run:
     def destroy_process_group(self) -> None:
         """The process group, last of the shared things (see the module docstring)."""
         self._flag = None
+        if self.peers is not None:  # before the group it beats on goes
+            self.peers.stop()
         self.accelerator.end_training()  # its trackers are finished already: this destroys the group

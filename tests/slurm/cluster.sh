@@ -5,6 +5,9 @@
 #   tests/slurm/cluster.sh up        # as root: write slurm.conf, start munged, slurmctld, slurmd; wait for an idle node
 #   tests/slurm/cluster.sh status    # sinfo
 #   tests/slurm/cluster.sh down      # stop the daemons by their pid files
+#   SLURM_TEST_NODES=2 tests/slurm/cluster.sh up   # two nodes instead: one slurmd in each network namespace
+#                                                  # of tests/cluster/nodes.sh (vaenode1, vaenode2), slurmctld
+#                                                  # here on the bridge; `down` removes the nodes too
 #
 # Without systemd nothing starts the daemons or creates /run/munge, so this script does both.
 # The timing settings make requeues fast: a requeued job restarts in ~20 s instead of ~3 min
@@ -17,6 +20,9 @@ STATE=${SLURM_TEST_STATE:-/var/tmp/vae_dist-slurm}
 CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
 MARK="# written by vae_dist tests/slurm/cluster.sh"
 NODE=$(hostname -s)
+NODES=${SLURM_TEST_NODES:-0}   # 0: this machine is the one node (loopback); N: namespace nodes vaenode1..N
+NODES_SH=$(cd "$(dirname "$0")/.." && pwd)/cluster/nodes.sh
+BRIDGE_ADDR=10.77.0.254        # this machine on the nodes' bridge (tests/cluster/nodes.sh)
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 
@@ -35,20 +41,32 @@ write_conf() {
   cpus=$(nproc)
   mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)  # MiB, leave 10% to the system
   mkdir -p "$(dirname "$CONF")"
+  local ctld_host=$NODE per_node="" node_lines
+  node_lines="NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP"
+  if [[ $NODES -gt 0 ]]; then
+    # Every node shares this machine's cores and memory, as namespaces do. %n keeps the daemons'
+    # files apart (a shared pid file makes the second slurmd kill the first). A node that stops
+    # answering is DOWN after SlurmdTimeout, and its job is requeued (JobRequeue=1, --requeue).
+    ctld_host="$NODE($BRIDGE_ADDR)" per_node=-%n
+    node_lines="SlurmdTimeout=10
+NodeName=vaenode[1-$NODES] NodeAddr=10.77.0.[1-$NODES] CPUs=$cpus RealMemory=$((mem / NODES)) State=UNKNOWN
+PartitionName=debug Nodes=vaenode[1-$NODES] Default=YES MaxTime=INFINITE State=UP"
+  fi
   cat >"$CONF" <<EOF
 $MARK
 ClusterName=vae-dist-test
-SlurmctldHost=$NODE
+SlurmctldHost=$ctld_host
 SlurmUser=root
 AuthType=auth/munge
 # cred_expire (s) bounds how soon a requeued job may start again (default 120 s).
 AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+SlurmdSpoolDir=$STATE/d$per_node
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd$per_node.pid
 SlurmctldLogFile=$STATE/slurmctld.log
-SlurmdLogFile=$STATE/slurmd.log
+SlurmdLogFile=$STATE/slurmd$per_node.log
 SlurmctldPort=6817
 SlurmdPort=6818
 # No cgroups in containers: track processes by parent pid, bind nothing.
@@ -64,8 +82,7 @@ ReturnToService=2
 # Seconds between SIGTERM and SIGKILL when a job ends; schedule every 5 s, not every 60 s.
 KillWait=10
 SchedulerParameters=bf_interval=5,sched_interval=5,batch_sched_delay=0
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$node_lines
 EOF
 }
 
@@ -91,36 +108,55 @@ up() {
     echo "cluster.sh: already up ($STATE)"
   else
     SLURM_CONF=$CONF slurmctld -c -f "$CONF"  # -c: forget jobs of an earlier cluster
-    SLURM_CONF=$CONF slurmd -f "$CONF"
+    if [[ $NODES -gt 0 ]]; then
+      "$NODES_SH" up "$NODES"
+      echo "$NODES" >"$STATE/nodes"
+      for i in $(seq "$NODES"); do start_node_slurmd "vaenode$i"; done
+    else
+      SLURM_CONF=$CONF slurmd -f "$CONF"
+    fi
   fi
+  local want=$((NODES > 0 ? NODES : 1))
   for _ in $(seq 60); do  # 30 s
-    if SLURM_CONF=$CONF sinfo -h -o %t 2>/dev/null | grep -qx idle; then
+    if [[ $(SLURM_CONF=$CONF sinfo -h -N -o %t 2>/dev/null | grep -cx idle) -ge $want ]]; then
       SLURM_CONF=$CONF sinfo
       return
     fi
     sleep 0.5
   done
-  tail -n 20 "$STATE/slurmctld.log" "$STATE/slurmd.log" >&2 || true
-  die "the node did not become idle within 30 s; see the logs above ($STATE)."
+  tail -n 20 "$STATE"/slurmctld.log "$STATE"/slurmd*.log >&2 || true
+  die "$want node(s) did not become idle within 30 s; see the logs above ($STATE)."
+}
+
+# slurmd in a node: it takes its node name from the hostname the node gives it.
+start_node_slurmd() {
+  [[ -d $STATE/d-$1 ]] || mkdir -p "$STATE/d-$1"
+  SLURM_CONF=$CONF "$NODES_SH" run "$1" slurmd -f "$CONF"
 }
 
 down() {
   local name pid
-  for name in slurmd slurmctld munged; do
-    [[ -f $STATE/$name.pid ]] || continue
+  for pidfile in "$STATE"/slurmd*.pid "$STATE"/slurmctld.pid "$STATE"/munged.pid; do
+    [[ -f $pidfile ]] || continue
+    name=$(basename "$pidfile" .pid)
     pid=$(cat "$STATE/$name.pid")
     if kill "$pid" 2>/dev/null; then
       for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
       echo "stopped $name ($pid)"
     fi
-    rm -f "$STATE/$name.pid"
+    rm -f "$pidfile"
   done
+  if [[ -f $STATE/nodes ]]; then
+    "$NODES_SH" down
+    rm -f "$STATE/nodes"
+  fi
 }
 
 case ${1:-} in
   install) install ;;
   up) up ;;
   down) down ;;
+  start-node) start_node_slurmd "${2:?start-node needs a node name}" ;;  # a node back after a crash
   status) SLURM_CONF=$CONF sinfo ;;
-  *) die "usage: $0 install|up|down|status" ;;
+  *) die "usage: $0 install|up|down|status|start-node NODE (SLURM_TEST_NODES=N: N namespace nodes)" ;;
 esac
