@@ -40,15 +40,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from vae_dist.peers import EXIT_PEER_LOST, PEER_LOST_FILE_ENV
+from vae_dist.train import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
 
-EXIT_BAD_INPUT = 2  # as vae_dist.train: nothing was trained
-EXIT_FAILED = 1
 JOIN_TIMEOUT_S = 600.0  # torchrun's own default for its rendezvous join
 JOINED_KEY = "vae_dist/machines_joined"
 PEER_LOST_GRACE_S = 10.0  # seconds the agent gets to end by itself after a process lost its peer
 # The training processes' own exit codes, most telling first: the code a machine exits with when its
 # processes ended differently (one lost its peer, another was stopped by the launcher for it).
-TRAIN_EXIT_ORDER = (76, 2, 1, 75)
+TRAIN_EXIT_ORDER = (EXIT_PEER_LOST, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED)
 
 
 class MachinesError(Exception):

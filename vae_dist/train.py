@@ -7,7 +7,8 @@ Overrides are section.key=value (see README, "Configuration"). Exit codes: 0 don
 stopped (non-finite loss, a file or checkpoint that could not be written: one sentence on stderr
 naming it and the last good checkpoint); 2 bad config, data, checkpoint, launch, or a run.dir another
 run holds (one sentence on stderr naming the problem); 75 stopped by SIGTERM/SIGINT/SIGUSR1, after
-saving a checkpoint when a step ran since the last one (during start-up: at once, nothing written).
+saving a checkpoint when a step ran since the last one (during start-up: at once, nothing written);
+76 a process of a multi-process run stopped answering for dist.timeout_s (vae_dist.peers).
 """
 
 from __future__ import annotations
