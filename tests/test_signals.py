@@ -323,3 +323,20 @@ def test_a_launcher_child_hung_past_its_signal_exits_after_the_grace(tmp_path: P
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the orphaned child was still running 30 s after its launcher died")
     assert "Timeout" in err.read_text()  # faulthandler's dump: it was the deadline that ended it
+
+
+def test_a_start_up_signal_masked_by_a_librarys_cleanup_still_exits_75(monkeypatch, capsys) -> None:
+    """The signal's Stopped can surface as another error raised in a library's `finally` (seen:
+    argparse's parse_intermixed_args, AttributeError 'save_nargs'); it is still a stop during start-up."""
+    import vae_dist.train as train
+    from vae_dist.signals import Stopped
+
+    def parse_interrupted(argv):
+        try:
+            raise Stopped(signal.SIGTERM)
+        finally:
+            raise AttributeError("'_StoreAction' object has no attribute 'save_nargs'")
+
+    monkeypatch.setattr(train, "parse_args", parse_interrupted)
+    assert train.main([]) == 75
+    assert "stopped by SIGTERM during start-up" in capsys.readouterr().err

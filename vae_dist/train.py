@@ -32,6 +32,15 @@ EXIT_BAD_INPUT = 2  # bad config, data, checkpoint or launch, or run.dir in use:
 EXIT_PREEMPTED = 75  # a signal (SIGTERM, SIGINT, SIGUSR1) stopped it after a checkpoint: rerun the same command
 
 
+def exception_chain(err: BaseException):
+    """`err` and the exceptions it was raised from or during (its cause and context), newest first."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="vae-train",
@@ -50,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     signals = StopSignals().install()
     try:
         return run(parse_args(argv), signals)
-    except Stopped as stop:
+    except BaseException as err:  # Stopped is a BaseException (vae_dist.signals)
+        # A start-up signal raises Stopped wherever the process is; inside a library's own cleanup
+        # (argparse's parse_intermixed_args restores its state in a `finally`) it can surface as
+        # another error with the Stopped as its context.
+        stop = next((e for e in exception_chain(err) if isinstance(e, Stopped)), None)
+        if stop is None:
+            raise
         print(
             f"vae-train: stopped by {signal_name(stop.signum)} during start-up, before any training step: "
             "nothing needed saving. Rerun the same command to start (or resume).",
