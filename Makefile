@@ -1,7 +1,8 @@
 # One command each: `make train` sets up and trains, `make test` sets up and runs the tests.
 # The virtual environment is .venv; it is (re)built when pyproject.toml changes.
 PYTHON ?= python3
-# The torch release the README's measurements used; any release the pyproject range admits works.
+# The torch release the measurements in RESULTS.md and docs/ used; any release the pyproject range admits works.
+# tests/test_wheel.py installs this line's releases beside the wheel in its fresh environment.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -62,7 +63,7 @@ slurm-test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m slurm tests/test_slurm.py; rc=$$?; tests/slurm/cluster.sh down; exit $$rc
 
 gpu-check:
-	$(GPU_PYTHON) -m vae_dist.gpu_check $(ARGS)
+	$(GPU_PYTHON) -m vae_dist.cli.gpu_check $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vae_dist tests

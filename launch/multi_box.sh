@@ -62,10 +62,10 @@ fi
 # NUM_MACHINES machines, JOIN_TIMEOUT_S at most. Under c10d MACHINE_RANK does not order the ranks
 # (torchrun: "node_rank is only used for static rdzv_backend"): process rank 0, which writes the
 # checkpoints, may run on any machine, so run.dir must be on a filesystem every machine sees.
-# vae_dist.machines is `accelerate launch` plus what several machines need: the rendezvous host and
+# vae_dist.cli.machines is `accelerate launch` plus what several machines need: the rendezvous host and
 # the network interface found from MAIN_IP, a join that counts the machines, and the training
 # processes' own exit code (76: a peer stopped answering) instead of a launcher traceback.
-cmd=(python -m vae_dist.machines --multi_gpu
+cmd=(python -m vae_dist.cli.machines --multi_gpu
   --num_processes "$(( NUM_MACHINES * GPUS ))"  # over all machines
   --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK"
   --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT" --rdzv_backend c10d

@@ -137,11 +137,11 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 
 def run_train(overrides: list[str], cwd: Path | None = None, timeout: float = 300):
-    """`python -m vae_dist.train OVERRIDES` on the CPU, to completion, its output captured."""
+    """`python -m vae_dist.cli.train OVERRIDES` on the CPU, to completion, its output captured."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "vae_dist.train", *overrides]
+    cmd = [sys.executable, "-m", "vae_dist.cli.train", *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=cpu_env(), timeout=timeout)
 
 

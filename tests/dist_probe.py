@@ -19,7 +19,7 @@ from vae_dist.trainer import Trainer
 out, mode, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 trainer = Trainer(load_config(None, overrides))
 rank = trainer.accelerator.process_index
-result = {"processes": trainer.accelerator.num_processes, "accum": trainer.accum, "micro": trainer.micro}
+result = {"processes": trainer.accelerator.num_processes, "accum": trainer.run.accum, "micro": trainer.run.micro}
 if mode == "order":  # the micro-batches of indices this rank gets in epochs 0 and 1, and epoch 0 resumed at step 2
     for epoch, skip in ((0, 0), (1, 0), (0, 2)):
         order = trainer.plan.epoch(epoch)[skip:]  # [steps, accum, micro]: where a resume at step `skip` starts

@@ -29,7 +29,7 @@ assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, "prctl(PR_SET_CHILD_
 flags = ["--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 if nproc > 1:
     flags = ["--multi_gpu", *flags, "--main_process_port", sys.argv[0] and str(29500 + os.getpid() % 1000)]
-cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "-m", "vae_dist.train", *overrides]
+cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "-m", "vae_dist.cli.train", *overrides]
 out_dir.mkdir(parents=True, exist_ok=True)
 with open(out_dir / "stdout", "w") as stdout, open(out_dir / "stderr", "w") as stderr:
     launcher = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

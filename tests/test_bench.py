@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vae_dist import bench
+from vae_dist.cli import bench
 
 # One thread: on a busy 2-core machine two OpenMP threads can each wait hundreds of ms for a core.
 TINY = ["--steps", "3", "--warmup", "1", "--repeats", "2", "--batch-size", "50", "--threads", "1"]
@@ -65,7 +65,7 @@ def test_module_runs_on_random_data_without_mnist(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "vae_dist.bench",
+            "vae_dist.cli.bench",
             *TINY,
             "--device",
             "cpu",  # this test means the CPU, also on a machine with a GPU
@@ -102,7 +102,7 @@ def test_memory_probe_reports_peaks(tmp_path: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.slow
 def test_full_command_with_memory_subprocesses(data_root: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "vae_dist.bench", *TINY, f"data.root={data_root}", "data.download=false"],
+        [sys.executable, "-m", "vae_dist.cli.bench", *TINY, f"data.root={data_root}", "data.download=false"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vae_dist.checkpoint as ckpt_mod
+import vae_dist.checkpoint_files as ckpt_mod
 from conftest import launch, launch_cmd, load_weights, run_train, train_in_process
 from vae_dist.checkpoint import CheckpointError, latest_valid, verify
 from vae_dist.config import ConfigError, load_config
@@ -58,8 +58,11 @@ def test_checkpoint_files_are_safetensors_and_json(ckpt_overrides: list[str], tm
         ]
         assert verify(path) is None
         state = json.loads((path / "state.json").read_text())
-        assert {"step", "epoch", "step_in_epoch", "config", "tracker_run_id", "versions"} <= state.keys()
-        assert load_file(str(path / "trainer.safetensors"))["rng_cpu"].shape[0] == 1  # one rank
+        assert {"step", "config", "versions", "components"} <= state.keys()
+        # Each component's part under its own name (JSON), and its tensors as name.key, one row per rank.
+        parts = state["components"]
+        assert {"step", "epoch", "step_in_epoch"} <= parts["train"].keys() and "tracker_run_id" in parts["report"]
+        assert load_file(str(path / "trainer.safetensors"))["rng.rng_cpu"].shape[0] == 1  # one rank
     # A checkpoint directory loads as a model with no trainer, like an export.
     assert VAE.from_pretrained(ckpts[-1]).z_dim == 2
 
@@ -273,7 +276,7 @@ def test_clear_stale_temps_removes_only_temp_dirs(tmp_path: Path) -> None:
 
 def test_nonfinite_loss_stops_with_the_step_and_term(ckpt_overrides: list[str], tmp_path: Path) -> None:
     # lr 1e6 diverges within a few steps; the error names the step and the term, nothing diverged is saved.
-    from vae_dist.trainer import NonFiniteLossError
+    from vae_dist.window import NonFiniteLossError
 
     with pytest.raises(
         NonFiniteLossError,
@@ -288,7 +291,7 @@ def test_nonfinite_loss_stops_with_the_step_and_term(ckpt_overrides: list[str], 
 def test_sigterm_exit_code_and_message(ckpt_overrides: list[str], tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vae_dist.train", *ckpt_overrides, "train.epochs=400"],
+        [sys.executable, "-m", "vae_dist.cli.train", *ckpt_overrides, "train.epochs=400"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -309,14 +312,14 @@ def test_two_process_resume_is_bit_exact(ckpt_overrides: list[str], tmp_path: Pa
     base = [*ckpt_overrides, "train.batch_size=50"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     for args in ([f"run.dir={ref}"], [f"run.dir={run}", "train.max_steps=5"], [f"run.dir={run}"]):
-        proc = launch(2, ["-m", "vae_dist.train", *base, *args], cwd=tmp_path)
+        proc = launch(2, ["-m", "vae_dist.cli.train", *base, *args], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout
     assert_same_weights(load_weights(run), load_weights(ref))
     # The max_steps=5 stop evaluated the test split at step 5 (a finished run always does); apart from
     # that record the resumed run logged exactly what the uninterrupted one did.
     assert [r for r in metrics(run) if (r["split"], r["step"]) != ("test", 5)] == metrics(ref)
-    rng = load_file(str(run / "checkpoints" / "step-00000016" / "trainer.safetensors"))["rng_cpu"]
+    rng = load_file(str(run / "checkpoints" / "step-00000016" / "trainer.safetensors"))["rng.rng_cpu"]
     assert rng.shape[0] == 2  # each rank's RNG state
 
 
@@ -325,12 +328,14 @@ def test_sigusr1_to_one_rank_stops_both(ckpt_overrides: list[str], tmp_path: Pat
     import psutil
 
     run = tmp_path / "run"
-    cmd = launch_cmd(2, ["-m", "vae_dist.train", *ckpt_overrides, "train.epochs=400", "train.batch_size=50"])
+    cmd = launch_cmd(2, ["-m", "vae_dist.cli.train", *ckpt_overrides, "train.epochs=400", "train.batch_size=50"])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "vae_dist.train" in " ".join(p.cmdline())]
+    ranks = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "vae_dist.cli.train" in " ".join(p.cmdline())
+    ]
     assert len(ranks) == 2
     ranks[-1].send_signal(signal.SIGUSR1)  # one rank only: the other must agree through the collective flag
     out, err = proc.communicate(timeout=120)
@@ -355,14 +360,17 @@ def test_kill_minus_9_at_random_moments(ckpt_overrides: list[str], tmp_path: Pat
     ]
     ref, run = tmp_path / "ref", tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "vae_dist.train", *base, f"run.dir={ref}"], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-m", "vae_dist.cli.train", *base, f"run.dir={ref}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rng = random.Random(0)
     kills = 0
     while kills < 20:
         p = subprocess.Popen(
-            [sys.executable, "-m", "vae_dist.train", *base, f"run.dir={run}"],
+            [sys.executable, "-m", "vae_dist.cli.train", *base, f"run.dir={run}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -383,7 +391,10 @@ def test_kill_minus_9_at_random_moments(ckpt_overrides: list[str], tmp_path: Pat
             break
     assert kills >= 1
     proc = subprocess.run(
-        [sys.executable, "-m", "vae_dist.train", *base, f"run.dir={run}"], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-m", "vae_dist.cli.train", *base, f"run.dir={run}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_weights(load_weights(run), load_weights(ref))

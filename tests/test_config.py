@@ -9,13 +9,56 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from vae_dist.config import Config, ConfigError, OptimConfig, load_config
+from vae_dist.config import Config, ConfigError, OptimConfig, load_config, shipped_configs
+
+SHIPPED = REPO / "vae_dist" / "configs"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_file_loads(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+def test_the_shipped_configs_are_the_yaml_files_in_the_package() -> None:
+    assert shipped_configs() == sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+    assert {"mnist", "smoke", "iwae_paper_iwae"} <= set(shipped_configs())
+
+
+def test_configs_folder_links_every_shipped_config() -> None:
+    """configs/NAME.yaml in a clone is a relative link to vae_dist/configs/NAME.yaml, so the commands
+    that name configs/mnist.yaml keep working; configs/accelerate/ holds the launcher files."""
+    links = sorted((REPO / "configs").glob("*.yaml"))
+    assert [p.stem for p in links] == shipped_configs()
+    for link in links:
+        assert link.is_symlink() and not Path(link.readlink()).is_absolute(), link
+        assert link.resolve() == (SHIPPED / link.name).resolve(), link
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_shipped_config_by_name_is_the_file(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: only the package has them
+    by_path = load_config(SHIPPED / f"{name}.yaml", ["train.epochs=2"])
+    assert load_config(name, ["train.epochs=2"]) == by_path
+    assert load_config(f"{name}.yaml", ["train.epochs=2"]) == by_path
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist.yaml").write_text("train:\n  epochs: 7\n")
+    assert load_config("mnist.yaml").train.epochs == 7
+    assert load_config("mnist").train.epochs == 40  # no file named "mnist" here: the shipped one
+
+
+@pytest.mark.parametrize("value", ["mnsit", "configs/nosuch.yaml", "elsewhere/mnist.yaml", "mnist.yml"])
+def test_neither_file_nor_shipped_name_lists_the_choices(value: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(value)
+    message = str(err.value)
+    assert f"--config {value} is neither a file nor a shipped config" in message
+    assert "the shipped configs are " + ", ".join(shipped_configs()) in message
+    assert "e.g. --config mnist" in message
 
 
 def test_mnist_yaml_is_the_reference_experiment() -> None:
@@ -87,7 +130,7 @@ def test_cli_bad_override_exits_with_one_line_and_writes_nothing(override: str, 
         [
             sys.executable,
             "-m",
-            "vae_dist.train",
+            "vae_dist.cli.train",
             "--config",
             str(REPO / "configs" / "mnist.yaml"),
             f"run.dir={run_dir}",
@@ -101,6 +144,21 @@ def test_cli_bad_override_exits_with_one_line_and_writes_nothing(override: str, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and override.split("=")[0] in lines[0]
     assert not run_dir.exists() and not (tmp_path / "runs").exists()
+
+
+def test_cli_config_by_name_outside_a_clone(tmp_path: Path) -> None:
+    """`vae-train --config smoke` from a folder with no configs/: the name is found in the package
+    (the bad override then stops it); an unknown name is one line that lists the shipped configs."""
+    cmd = [sys.executable, "-m", "vae_dist.cli.train", f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([*cmd, "--config", "smoke", "train.epochs=-1"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "vae-train: error: train.epochs=-1: must be >= 1."
+    ]
+    proc = subprocess.run([*cmd, "--config", "mnsit"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--config mnsit is neither a file nor a shipped config" in line and "mnist, mnist_recipe, smoke" in line
+    assert not (tmp_path / "run").exists()
 
 
 # inf and nan in every spelling, as an override and in a file, stop the run with the key named.

@@ -145,7 +145,7 @@ def test_bf16_under_graphs_trains(gpu_data: Path, tmp_path: Path) -> None:
     )
     assert summary["step"] == "one CUDA graph a step"
     assert trainer.step_fn.graph is None  # released at the end of the run, before the process group
-    records = [r for r in trainer.metrics.file.read() if r["split"] == "train"]
+    records = [r for r in trainer.report.file.read() if r["split"] == "train"]
     assert math.isfinite(summary["final_test_elbo"]) and records[-1]["elbo"] < records[0]["elbo"]
 
 

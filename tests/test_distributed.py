@@ -73,7 +73,7 @@ def test_topology_invariance(tiny_overrides: list[str], tmp_path: Path, recipe: 
     weights, elbo = {}, {}
     for name, (nproc, extra) in runs.items():
         run = tmp_path / name
-        proc = launch(nproc, ["-m", "vae_dist.train", *base, *extra, f"run.dir={run}"], cwd=tmp_path)
+        proc = launch(nproc, ["-m", "vae_dist.cli.train", *base, *extra, f"run.dir={run}"], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         weights[name] = load_weights(run)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -99,7 +99,7 @@ def test_cpu_flag_with_several_processes_is_refused(tiny_overrides: list[str], t
             "--num_processes",
             "2",
             "-m",
-            "vae_dist.train",
+            "vae_dist.cli.train",
             *tiny_overrides,
         ],
         capture_output=True,

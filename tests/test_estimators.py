@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from vae_dist.model import OUTPUT_BIAS_CLIP, VAE, log_weights, loss_terms, output_bias_from_data
+from vae_dist.losses import log_weights, loss_terms
+from vae_dist.model import OUTPUT_BIAS_CLIP, VAE, output_bias_from_data
 
 X_DIM, Z_DIM = 6, 3
 

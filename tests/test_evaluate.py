@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from conftest import REPO, train_in_process
+from vae_dist.cli.evaluate import main
 from vae_dist.config import DataConfig
 from vae_dist.data import load_data
-from vae_dist.evaluate import evaluate_elbo, evaluate_iwae, iwae_log_px, main
-from vae_dist.model import VAE, log_weights
+from vae_dist.evaluation import evaluate_elbo, evaluate_iwae, iwae_log_px
+from vae_dist.losses import log_weights
+from vae_dist.model import VAE
 
 FIELDS = {"elbo", "recon", "kl", "nll_iwae", "k", "n_examples", "binarize", "seconds", "processes"}
 
@@ -182,7 +184,7 @@ def test_three_processes_equal_one(data_root: Path, tmp_path: Path) -> None:
     args = [str(model_dir), "--data-root", str(data_root), "--k", "50", "--batch-size", "32", "--k-batch", "16"]
     assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "3"]
-    launch += ["--main_process_port", str(free_port()), "-m", "vae_dist.evaluate"]
+    launch += ["--main_process_port", str(free_port()), "-m", "vae_dist.cli.evaluate"]
     proc = subprocess.run(
         [*launch, *args, "--out", str(tmp_path / "three.json")], capture_output=True, text=True, cwd=REPO, timeout=300
     )

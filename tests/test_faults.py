@@ -6,7 +6,7 @@ or a person damages files, then the same command run again. Each case ends in on
 - it refuses with exit 2 and one sentence naming the file, no traceback, and every file on disk as
   it was (but `.lock`, which every start rewrites with who holds the run).
 
-Never a third. The cases are generated (files x damages), CPU, in this process (vae_dist.train.main).
+Never a third. The cases are generated (files x damages), CPU, in this process (vae_dist.cli.train.main).
 Run: pytest tests/test_faults.py"""
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def train_main(overrides: list[str]) -> int:
     """vae-train in this process, on a fresh Accelerate state."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from vae_dist.train import main
+    from vae_dist.cli.train import main
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -222,8 +222,8 @@ def test_a_damaged_newest_checkpoint_never_costs_a_valid_one(runs: dict, tmp_pat
 def test_records_a_checkpoint_covers_are_on_disk_before_it(runs: dict, tmp_path: Path) -> None:
     """A checkpoint is written only after the records it covers are fsynced: a machine that crashes
     after the checkpoint cannot take them back. Here: every fsync of metrics.jsonl, in order with the saves."""
-    import vae_dist.checkpoint as checkpoint
-    from vae_dist.tracking import MetricsFile
+    import vae_dist.checkpoint_writer as checkpoint
+    from vae_dist.metrics_file import MetricsFile
 
     events: list[str] = []
     sync, write = MetricsFile.sync, checkpoint.write_checkpoint

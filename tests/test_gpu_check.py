@@ -1,4 +1,4 @@
-"""The parts of `make gpu-check` (vae_dist/gpu_check.py) a machine without a GPU can check: its refusal,
+"""The parts of `make gpu-check` (vae_dist/cli/gpu_check.py) a machine without a GPU can check: its refusal,
 its time budget, its verdict and its random data. Run: pytest tests/test_gpu_check.py"""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_dist import gpu_check
+from vae_dist.cli import gpu_check
 from vae_dist.config import DataConfig
 from vae_dist.data import load_data
 

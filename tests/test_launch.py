@@ -74,8 +74,8 @@ def test_a_dry_run_without_gpus_still_prints_the_command(script: Path) -> None:
     proc = dry_run(script, env)
     if "no GPU found" not in proc.stderr:
         pytest.skip("nvidia-smi found GPUs in /usr/bin")
-    # multi_box.sh: accelerate launch through vae_dist.machines (what several machines need on top)
-    launcher = "accelerate launch" if script == SINGLE_BOX else "python -m vae_dist.machines"
+    # multi_box.sh: accelerate launch through vae_dist.cli.machines (what several machines need on top)
+    launcher = "accelerate launch" if script == SINGLE_BOX else "python -m vae_dist.cli.machines"
     assert proc.returncode == 0 and proc.stdout.startswith(f"{launcher} --multi_gpu ")
     assert flags(proc.stdout)["--num_processes"] == ("8" if script == SINGLE_BOX else "16")
     assert "the command below is for GPUS=8" in proc.stderr and "set GPUS=N" in proc.stderr
@@ -185,7 +185,7 @@ def test_accelerate_config_files_cover_the_launch_modes() -> None:
 PROBE = """
 import json, os, sys, torch
 from accelerate import PartialState
-state = PartialState(cpu=not torch.cuda.is_available())  # as vae_dist.trainer.build_state
+state = PartialState(cpu=not torch.cuda.is_available())  # as vae_dist.run.build_state
 out = {"processes": state.num_processes, "backend": state.backend, "device": state.device.type}
 open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w").write(json.dumps(out))
 """

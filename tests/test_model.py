@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vae_dist.files import pickle_kind
-from vae_dist.model import VAE, ModelFileError, loss_terms
+from vae_dist.losses import loss_terms
+from vae_dist.model import VAE, ModelFileError
 
 
 def reference_loss(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def test_two_nodes_train_like_one_process(cluster, data: Path, tmp_path: Path, p
     common = ("train.epochs=2", f"train.micro_batch_size={100 // (2 * procs)}")
     one = tmp_path / "one"
     proc = subprocess.run(
-        [sys.executable, "-m", "vae_dist.train", *overrides(data, one, "train.epochs=2")],
+        [sys.executable, "-m", "vae_dist.cli.train", *overrides(data, one, "train.epochs=2")],
         capture_output=True, text=True, cwd=tmp_path, env=cpu_env(), timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -178,14 +178,14 @@ def test_a_node_that_never_joins_ends_the_rendezvous_with_a_count(cluster, data:
     assert 8 <= took < 30, took
     print(f"\nnever joins: node 1 exit 2 after {took:.1f} s (JOIN_TIMEOUT_S=8)")
     assert (
-        f"vae_dist.machines: error: only 1 of 2 machines joined the rendezvous at {HEAD}:" in run.out[0]
+        f"vae_dist.cli.machines: error: only 1 of 2 machines joined the rendezvous at {HEAD}:" in run.out[0]
         and "within 8 s (JOIN_TIMEOUT_S): start launch/multi_box.sh on the 1 missing machine(s)" in run.out[0]
     ), run.out[0]
     assert "Traceback" not in run.out[0]
     # The other way round: a node whose rendezvous host never comes.
     run = TwoNodes(overrides(data, tmp_path / "run", "train.epochs=1"), join_timeout=8, only=(1,))
     assert run.wait(timeout=60) == {1: 2}
-    assert f"vae_dist.machines: error: the rendezvous host {HEAD}:" in run.out[1], run.out[1]
+    assert f"vae_dist.cli.machines: error: the rendezvous host {HEAD}:" in run.out[1], run.out[1]
     assert "did not answer within 8 s" in run.out[1] and "Traceback" not in run.out[1]
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
 
@@ -249,7 +249,7 @@ def test_a_killed_node_ends_the_other_with_76_and_the_run_resumes_exactly(
 def test_a_partition_ends_both_nodes_within_the_timeout_and_the_run_resumes_exactly(
     cluster, data: Path, tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
 ) -> None:
-    from vae_dist.machines import PEER_LOST_GRACE_S
+    from vae_dist.cli.machines import PEER_LOST_GRACE_S
     from vae_dist.peers import BEAT_EVERY_S
 
     run_dir = tmp_path / "run"

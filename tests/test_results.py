@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from vae_dist.cli.results import main
 from vae_dist.config import load_config
-from vae_dist.results import main
-from vae_dist.tracking import MetricsFile
+from vae_dist.metrics_file import MetricsFile
 
 
 def fake_run(
@@ -98,7 +98,7 @@ def test_a_folder_that_is_not_a_run_is_one_sentence_and_exit_2(tmp_path: Path) -
     (tmp_path / "notes" / "todo.txt").write_text("not a run\n")
     for path in (tmp_path / "notes", tmp_path / "notes" / "todo.txt", tmp_path / "missing-*"):
         proc = subprocess.run(
-            [sys.executable, "-m", "vae_dist.results", str(path)], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "vae_dist.cli.results", str(path)], capture_output=True, text=True, timeout=60
         )
         assert proc.returncode == 2 and proc.stdout == "", proc.stderr
         lines = proc.stderr.strip().splitlines()
@@ -106,7 +106,7 @@ def test_a_folder_that_is_not_a_run_is_one_sentence_and_exit_2(tmp_path: Path) -
     assert (
         "is not a run"
         in subprocess.run(
-            [sys.executable, "-m", "vae_dist.results", str(tmp_path / "notes")], capture_output=True, text=True
+            [sys.executable, "-m", "vae_dist.cli.results", str(tmp_path / "notes")], capture_output=True, text=True
         ).stderr
     )
 
@@ -187,7 +187,7 @@ def test_plot_draws_each_rows_curve_and_the_nlls_of_run_and_checkpoint_folders(t
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     assert f"wrote {png}" in err
 
-    from vae_dist.results import read_runs
+    from vae_dist.run_folders import read_runs
 
     first, _, iwae = read_runs([tmp_path / "vae" / "seed-0", tmp_path / "vae" / "seed-1", running])
     assert first.curve == [(1.0, 100.0), (2.0, 92.0), (3.0, 90.2)]
@@ -196,7 +196,7 @@ def test_plot_draws_each_rows_curve_and_the_nlls_of_run_and_checkpoint_folders(t
 
 
 def test_mean_band_averages_the_epochs_every_seed_has() -> None:
-    from vae_dist.figures import _mean_band
+    from vae_dist.plots import _mean_band
 
     xs, mean, lo, hi = _mean_band([[(1, 10.0), (2, 8.0), (3, 7.0)], [(1, 12.0), (2, 6.0)]])
     assert (xs, mean, lo, hi) == ([1, 2], [11.0, 7.0], [10.0, 6.0], [12.0, 8.0])
@@ -221,7 +221,7 @@ def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path: Path) -> None:
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the first line
     proc = subprocess.run(
-        [sys.executable, "-m", "vae_dist.results", str(tmp_path / "runs")],
+        [sys.executable, "-m", "vae_dist.cli.results", str(tmp_path / "runs")],
         stdout=write,
         stderr=subprocess.PIPE,
         text=True,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, launch
-from vae_dist.checkpoint import CheckpointError, CheckpointManager, verify
+from vae_dist.checkpoint import CheckpointError, CheckpointWriter, verify
 from vae_dist.config import load_config
-from vae_dist.metrics import Metrics
+from vae_dist.report import Report
 from vae_dist.run import STOP_CHECK_EVERY, Run
 from vae_dist.runlock import RunLock
 from vae_dist.step import TrainStep
@@ -42,9 +42,9 @@ def releases(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
 
     record(Run, "synchronize", "synchronize")
     record(TrainStep, "release_graph", "release_graph")
-    record(CheckpointManager, "close", "checkpoint writer")
-    record(Metrics, "close_figures", "figures")
-    record(Metrics, "close_tracker", "tracker")
+    record(CheckpointWriter, "close", "checkpoint writer")
+    record(Report, "close_figures", "figures")
+    record(Report, "close_tracker", "tracker")
     record(Run, "destroy_process_group", "process group")
     record(RunLock, "release", "lock")
     return seen
@@ -124,7 +124,7 @@ from vae_dist.trainer import Trainer
 
 run_mod.END_GRACE_S = 3.0
 trainer = Trainer(load_config(None, sys.argv[1:]))
-trainer.metrics.close_tracker = lambda: time.sleep(120)  # a tracker that never finishes
+trainer.report.close_tracker = lambda: time.sleep(120)  # a tracker that never finishes
 trainer.fit()
 """
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO
+from vae_dist.cli.sample import main
 from vae_dist.model import VAE
-from vae_dist.sample import main
 
 TILE = 28 + 2  # a 28-pixel image and the 2-pixel padding before it
 
@@ -147,7 +147,7 @@ def test_weights_of_another_architecture_name_the_file(tmp_path: Path, capsys) -
 def test_runs_as_a_module(model_dir: Path, data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "vae_dist.sample", str(model_dir), "--out", str(out), "--data-root", str(data_root)],
+        [sys.executable, "-m", "vae_dist.cli.sample", str(model_dir), "--out", str(out), "--data-root", str(data_root)],
         capture_output=True,
         text=True,
         cwd=REPO,

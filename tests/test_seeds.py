@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cpu_env
+from vae_dist.cli.seeds import plan, seed_overrides
 from vae_dist.config import load_config
 from vae_dist.runlock import RunLock
-from vae_dist.seeds import plan, seed_overrides
 
 
 def seeds(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vae_dist.seeds", "--config", str(REPO / "configs" / "smoke.yaml"), *args]
+    cmd = [sys.executable, "-m", "vae_dist.cli.seeds", "--config", str(REPO / "configs" / "smoke.yaml"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=cpu_env(), timeout=timeout)
 
 
@@ -47,7 +47,7 @@ def test_three_seeds_of_the_smoke_config_are_three_ordinary_runs(data_root: Path
     assert len(set(finals)) == 3  # three seeds, three different draws
 
     table = subprocess.run(
-        [sys.executable, "-m", "vae_dist.results", str(sweep), "--json"], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "vae_dist.cli.results", str(sweep), "--json"], capture_output=True, text=True, cwd=REPO
     )
     [row] = json.loads(table.stdout)["groups"]
     assert row["n"] == 3 and row["seeds"] == [5, 6, 7]
@@ -68,7 +68,7 @@ def test_a_seed_that_fails_makes_the_exit_code_non_zero_and_is_named(data_root: 
 
 
 def test_the_cpu_plan_gives_each_process_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    import vae_dist.seeds as seeds_module
+    import vae_dist.cli.seeds as seeds_module
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(seeds_module, "usable_cores", lambda: 8)
@@ -106,7 +106,7 @@ def test_a_stop_signal_checkpoints_the_running_seed_and_the_same_command_resumes
     # figures only at the end (a drawing takes about a second of CPU).
     args = [*smoke(data_root, sweep), "train.max_steps=null", "train.epochs=50", "train.batch_size=20"]
     args += ["tracking.log_every_steps=10", "tracking.images_every_epochs=0", "--seeds", "3", "--parallel", "2"]
-    cmd = [sys.executable, "-m", "vae_dist.seeds", "--config", str(REPO / "configs" / "smoke.yaml"), *args]
+    cmd = [sys.executable, "-m", "vae_dist.cli.seeds", "--config", str(REPO / "configs" / "smoke.yaml"), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cpu_env())
     metrics = sweep / "seed-0" / "metrics.jsonl"
 

@@ -25,7 +25,7 @@ LONG = ["train.epochs=400", "tracking.log_every_steps=2"]  # trains until stoppe
 
 
 def train_cmd(overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "vae_dist.train", *overrides]
+    return [sys.executable, "-m", "vae_dist.cli.train", *overrides]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -200,7 +200,7 @@ def test_signal_during_epoch_end_work_checkpoints_and_stops(
     """SIGTERM during the epoch-end evaluation or pictures of epoch 1 (of 2): the run stops right after
     that work, with a checkpoint of the step it reached, and no further step."""
     trainer = Trainer(load_config(None, [*tiny_overrides, "checkpoint.every_epochs=0"]))
-    owner = trainer.metrics if moment == "draw_figures" else trainer  # the figures are the metrics component's
+    owner = trainer.report if moment == "draw_figures" else trainer  # the figures are the report component's
     original = getattr(owner, moment)
 
     def interrupted(*args):
@@ -328,7 +328,7 @@ def test_a_launcher_child_hung_past_its_signal_exits_after_the_grace(tmp_path: P
 def test_a_start_up_signal_masked_by_a_librarys_cleanup_still_exits_75(monkeypatch, capsys) -> None:
     """The signal's Stopped can surface as another error raised in a library's `finally` (seen:
     argparse's parse_intermixed_args, AttributeError 'save_nargs'); it is still a stop during start-up."""
-    import vae_dist.train as train
+    import vae_dist.cli.train as train
     from vae_dist.signals import Stopped
 
     def parse_interrupted(argv):

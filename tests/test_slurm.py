@@ -339,14 +339,16 @@ def test_an_array_of_three_smoke_seeds_gives_three_runs_in_one_group_and_a_table
     assert len(set(finals)) == 3  # three seeds, three draws
 
     table = subprocess.run(
-        [sys.executable, "-m", "vae_dist.results", str(sweep), "--json"], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "vae_dist.cli.results", str(sweep), "--json"], capture_output=True, text=True, cwd=REPO
     )
     assert table.returncode == 0, table.stderr
     [row] = json.loads(table.stdout)["groups"]
     assert row["n"] == 3 and row["seeds"] == [10, 11, 12]
     assert row["final_elbo"]["mean"] == pytest.approx(statistics.fmean(finals), rel=1e-12)
     assert row["final_elbo"]["std"] == pytest.approx(statistics.stdev(finals), rel=1e-12)
-    markdown = subprocess.run([sys.executable, "-m", "vae_dist.results", str(sweep)], capture_output=True, text=True)
+    markdown = subprocess.run(
+        [sys.executable, "-m", "vae_dist.cli.results", str(sweep)], capture_output=True, text=True
+    )
     mean, std = statistics.fmean(finals), statistics.stdev(finals)
     assert f"| {sweep}/seed-{{10,11,12}} | 3 | {mean:.2f} ± {std:.2f} " in markdown.stdout
 
@@ -402,7 +404,7 @@ def needs_nodes(n: int) -> None:
 
 def one_process_weights(data: Path, run_dir: Path, args: list[str]) -> dict[str, torch.Tensor]:
     """The same run in one process: what the multi-node jobs must end equal to (to 1e-5, fp32)."""
-    cmd = [sys.executable, "-m", "vae_dist.train", *args, f"run.dir={run_dir}", "train.device=cpu"]
+    cmd = [sys.executable, "-m", "vae_dist.cli.train", *args, f"run.dir={run_dir}", "train.device=cpu"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,7 +17,9 @@ from vae_dist import figures, tracking
 from vae_dist.config import TrackingConfig, load_config
 from vae_dist.model import VAE
 from vae_dist.processes import usable_cores
-from vae_dist.tracking import TrackingWarning, WandbTracker, log_with, read_wandb_run, resolve_mode, start_tracker
+from vae_dist.tracking import TrackingWarning, WandbTracker, start_tracker
+from vae_dist.wandb_mode import log_with, resolve_mode
+from vae_dist.wandb_runs import read_wandb_run
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # key-shaped, never valid
 

@@ -12,8 +12,8 @@ import torch
 
 from conftest import REPO, train_in_process
 from vae_dist.config import load_config
+from vae_dist.metrics_file import MetricsFile
 from vae_dist.model import VAE
-from vae_dist.tracking import MetricsFile
 
 
 def test_tiny_training_end_to_end(tiny_overrides: list[str], tmp_path: Path) -> None:
@@ -79,12 +79,12 @@ def test_train_examples_per_s_excludes_epoch_end_work(tiny_overrides: list[str],
     trainer = Trainer(load_config(None, tiny_overrides))
     clock = iter([1000.0, 1030.0])  # end_epoch starts at 1000 s and its work takes 30 s
     monkeypatch.setattr("vae_dist.trainer.time.perf_counter", lambda: next(clock))
-    monkeypatch.setattr("vae_dist.metrics.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("vae_dist.window.time.perf_counter", lambda: next(clock))
     monkeypatch.setattr(trainer, "evaluate", lambda: {"elbo": 1.0, "recon": 0.5, "kl": 0.5, "loss": 1.0})
-    monkeypatch.setattr(trainer.metrics, "draw_figures", lambda model, step: None)
-    trainer.metrics.window_start = (900.0, 0)
+    monkeypatch.setattr(trainer.report, "draw_figures", lambda model, step: None)
+    trainer.window.start = (900.0, 0)
     trainer.end_epoch()
-    assert trainer.metrics.window_start == (930.0, 0)
+    assert trainer.window.start == (930.0, 0)
     trainer.close()
 
 
@@ -107,7 +107,7 @@ def test_missing_data_exits_2_with_advice(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "vae_dist.train",
+            "vae_dist.cli.train",
             f"data.root={tmp_path / 'empty'}",
             "data.download=false",
             f"run.dir={tmp_path / 'run'}",
@@ -125,7 +125,7 @@ def test_figures_drawn_by_a_background_worker_are_complete_at_the_end(
     tiny_overrides: list[str], tmp_path: Path, monkeypatch
 ) -> None:
     """What a GPU run does (a worker process draws while training goes on), forced on the CPU."""
-    import vae_dist.metrics as metrics_mod
+    import vae_dist.report as metrics_mod
     from vae_dist.figures import FigureDrawer
 
     class InTheBackground(FigureDrawer):
@@ -136,7 +136,7 @@ def test_figures_drawn_by_a_background_worker_are_complete_at_the_end(
     trainer, _ = train_in_process(tiny_overrides)
     for name in ("recon.png", "prior.png", "manifold.png", "latent.png", "loss.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
-    assert trainer.metrics.figures is None  # the worker was waited for and stopped
+    assert trainer.report.figures is None  # the worker was waited for and stopped
 
 
 def test_what_a_run_says_about_where_and_how_far_it_trained(tiny_overrides: list[str], tmp_path: Path) -> None:

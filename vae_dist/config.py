@@ -1,49 +1,33 @@
-"""One typed config tree: YAML file in configs/, overridden on the command line as section.key=value.
+"""One typed config tree: a YAML file (a shipped config, or any path), overridden on the command line as section.key=value.
 
 Every field carries its unit or its choices in the trailing comment. `load_config` checks types,
 choices and ranges of every key (numbers must be finite: no inf or nan) and raises one `ConfigError`
-that lists all problems, each a sentence naming the key, before anything is written to disk.
+that lists all problems, each a sentence naming the key, before anything is written to disk. Reading
+the file, the overrides and each value's type is vae_dist.config_load's job; the sections and their
+checks are here.
+
+The path of vae-train's arguments: vae_dist.cli.train → vae_dist.config_load.load_config (the file,
+the overrides, each value's type) → the sections below (their checks) → back to the program.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
-
-class _YAML12Loader(yaml.SafeLoader):
-    """YAML with 1.2 booleans: only true/false are booleans, so `mode: off` stays the string "off"."""
-
-
-_YAML12Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YAML12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+from vae_dist.config_load import (  # noqa: F401  (re-exported: the toolkit imports them from vae_dist.config)
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_override,
+    read_yaml,
+    shipped_configs,
 )
-# ... and 1.2 floats: 2e-3 is a number (YAML 1.1 wants 2.0e-3).
-_YAML12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(text: str):
-    return yaml.load(text, Loader=_YAML12Loader)
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key and what is allowed."""
 
 
 def _check(value: Any, *, ge: float | None = None, gt: float | None = None) -> str | None:
@@ -254,6 +238,10 @@ class TrainConfig:
         """Examples per process per forward pass."""
         return self.batch_size // (num_processes * self.accumulation_steps(num_processes))
 
+    def batch_split(self, num_processes: int) -> tuple[int, int]:
+        """(accumulation steps, micro-batch): how the global batch splits over `num_processes`."""
+        return self.accumulation_steps(num_processes), self.micro_batch(num_processes)
+
 
 @dataclass
 class CheckpointConfig:
@@ -337,207 +325,11 @@ class Config:
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is list:
-        return f"a list of {_type_name(get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Returns (ok, value) with ints widened to float where a float is expected; nothing else is converted."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        return value in get_args(tp), value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return type(None) in get_args(tp), None
-        for arg in get_args(tp):
-            if arg is not type(None):
-                ok, v = _coerce(value, arg)
-                if ok:
-                    return True, v
-        return False, value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        items = [_coerce(v, get_args(tp)[0]) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return True, float(value)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return True, str(value)  # paths like run.dir=2024 stay strings
-    return isinstance(value, tp), value
-
-
-def _non_finite(value: Any, tp: Any) -> bool:
-    """True when a number for a float-typed key (or inside a list of them) is infinite or NaN, in any spelling:
-    YAML's .inf/.nan, 1e400 (which YAML reads as inf), the strings inf/nan (YAML leaves them strings but
-    Python's float() accepts them), or an integer too large for a float."""
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return value is not None and any(_non_finite(value, a) for a in get_args(tp) if a is not type(None))
-    if origin is list:
-        return isinstance(value, list) and any(_non_finite(v, get_args(tp)[0]) for v in value)
-    if tp is not float or isinstance(value, bool):
-        return False
-    try:
-        return not math.isfinite(float(value)) if isinstance(value, (int, float, str)) else False
-    except OverflowError:  # float(10**400)
-        return True
-    except ValueError:  # a string that is no number at all: _coerce reports it as the wrong type
-        return False
-
-
-def _finite_name(tp: Any) -> str:
-    """'a finite number', 'a list of finite numbers', '... or null': what a float-typed key accepts."""
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_finite_name(a) for a in get_args(tp) if a is not type(None)) + " or null"
-    return "a list of finite numbers" if get_origin(tp) is list else "a finite number"
-
-
-def _shown(value: Any) -> str:
-    """A value as the user would type it (inf, not 'inf'), cut short when it is a 400-digit integer."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
-
-
-def _yaml_kind(value: Any) -> str:
-    """What a YAML value is, in YAML's words: 'a list', 'a string', 'a number', ..."""
-    if isinstance(value, bool):
-        return "true or false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {list: "a list", str: "a string"}.get(type(value), f"a {type(value).__name__}")
-
-
-def _default(cls: type, key: str) -> Any:
-    """The field's default value, for an example in an error message."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == key)
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None if f.default is dataclasses.MISSING else f.default
-
-
-def _build_section(name: str, values: dict[str, Any], errors: list[str]) -> Any:
-    cls = SECTIONS[name]
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in hints:
-            errors.append(f"{name}.{key} is not a config key; {name} has: {', '.join(hints)}.")
-            continue
-        if _non_finite(value, hints[key]):
-            default = _default(cls, key)
-            example = f", e.g. {name}.{key}={default}" if default is not None else ""
-            errors.append(
-                f"{name}.{key}={_shown(value)}: must be {_finite_name(hints[key])} (inf and nan are refused, "
-                f"and YAML reads a number beyond ±1.8e308 as inf); give an ordinary value{example}."
-            )
-            continue
-        ok, coerced = _coerce(value, hints[key])
-        if not ok:
-            errors.append(f"{name}.{key}={value!r}: must be {_type_name(hints[key])}.")
-            continue
-        kwargs[key] = coerced
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """'train.epochs=3' -> ('train', 'epochs', 3); the value is read as YAML, so 3 is an int and [1, 2] a list."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override {text!r} is not of the form section.key=value, e.g. train.epochs=3.")
-    dotted, raw = text.split("=", 1)
-    section, key = dotted.split(".", 1)
-    try:
-        value = read_yaml(raw) if raw != "" else ""
-    except (yaml.YAMLError, ValueError):  # ValueError: an integer over Python's 4300-digit limit
-        value = raw
-    return section, key, value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply section.key=value overrides, check everything, return the Config."""
-    tree: dict[str, dict[str, Any]] = {}
-    errors: list[str] = []  # a bad section or override is reported with every other problem, not alone
-    if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            names = sorted(p.name for p in path.glob("*.yaml"))
-            holds = f" (it holds {', '.join(names)})" if names else ""
-            raise ConfigError(
-                f"--config {path} is a folder{holds}; pass one YAML file, e.g. --config {path / (names[0] if names else 'mnist.yaml')}."
-            )
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} does not exist; pass one of the files in configs/, e.g. --config configs/mnist.yaml."
-            )
-        try:
-            text = path.read_text()
-            loaded = read_yaml(text) if text.strip() else None  # YAML refuses a tab even in a blank file
-        except (yaml.YAMLError, ValueError) as err:  # ValueError: not UTF-8, or an integer over 4300 digits
-            mark = getattr(err, "problem_mark", None)  # yaml's own text spans lines; keep its problem and place
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            what = getattr(err, "problem", None) or (str(err).splitlines() or [""])[0]
-            raise ConfigError(
-                f"config file {path} is not readable YAML ({what}{where}); fix it, "
-                "or start again from a copy of configs/mnist.yaml."
-            ) from err
-        if loaded is None:  # 0 bytes, only blanks or only comments: a run on silent defaults is a mistake
-            raise ConfigError(
-                f"config file {path} is empty (no sections, only blanks or comments); copy configs/mnist.yaml "
-                "and edit it, or drop --config to run with the defaults."
-            )
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {path} holds {_yaml_kind(loaded)} at the top level, but it must be a mapping of "
-                "sections (data:, model:, optim:, ...) each holding key: value lines; see configs/mnist.yaml."
-            )
-        for section, values in loaded.items():
-            if values is not None and not isinstance(values, dict):
-                errors.append(
-                    f"{path}: section {section!r} holds {_yaml_kind(values)}, but it must be a mapping of "
-                    "key: value lines indented under it, as in configs/mnist.yaml."
-                )
-                continue
-            tree[section] = dict(values or {})
-    for text in overrides:
-        try:
-            section, key, value = parse_override(text)
-        except ConfigError as err:
-            errors.append(str(err))
-            continue
-        tree.setdefault(section, {})[key] = value
-    try:
-        cfg = config_from_dict(tree)
-    except ConfigError as err:
-        errors.append(str(err))
-    if errors:
-        raise ConfigError(" ".join(errors))
-    return cfg
-
-
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Build and check a Config from {section: {key: value}} (a YAML file, or a saved run's config)."""
-    errors: list[str] = []
-    sections = {}
-    for section, values in tree.items():
-        if section not in SECTIONS:
-            errors.append(f"{section} is not a config section; the sections are: {', '.join(SECTIONS)}.")
-            continue
-        sections[section] = _build_section(section, values, errors)
-    if errors:
-        raise ConfigError(" ".join(errors))
-    cfg = Config(**sections)
-    for section in SECTIONS:
-        errors.extend(getattr(cfg, section).problems())
+def build_config(sections: dict[str, dict[str, Any]]) -> Config:
+    """The Config from each section's values (already of their fields' types, vae_dist.config_load),
+    after every section's checks; a ConfigError lists every problem."""
+    cfg = Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+    errors = [problem for name in SECTIONS for problem in getattr(cfg, name).problems()]
     if errors:
         raise ConfigError(" ".join(errors))
     return cfg

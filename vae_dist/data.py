@@ -6,7 +6,7 @@ that header and the raw bytes, one `torch.frombuffer` once checked. torchvision 
 download missing files (a failed download removes what it wrote): importing it costs ~1.5 s of a
 run's start-up on a 2-core CPU. Every split is a single [N, 784] uint8 tensor, so a batch costs one
 index operation instead of N PIL conversions. Which examples each process takes, in which order,
-is `vae_dist.step.BatchPlan`.
+is `vae_dist.batches.BatchPlan`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from vae_dist.config import DataConfig
+from vae_dist.errors import BadInput
 
 # data.dataset -> the torchvision dataset class that downloads it, whose name is also its folder
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
@@ -39,7 +40,7 @@ _REPLACE = "Replace it with the original (MNIST publishes MD5 sums)."
 BINARIZE_SEED = 1234
 
 
-class DataError(RuntimeError):
+class DataError(BadInput, RuntimeError):
     """The dataset files are missing or unreadable; the message says which and what to do."""
 
 

@@ -8,13 +8,15 @@ code), not reported as a corrupt safetensors file. torch.save writes two formats
 
 A safetensors file starts with its header length (u64, little-endian) and then "{": a header of
 640 bytes also starts with b"\\x80\\x02", so a file that is a plausible safetensors file is never
-called a pickle. Used by model.py (exports) and checkpoint.py (checkpoints).
+called a pickle. `pickle_refusal` is the one sentence that refuses a pickle and `refuse_pickle` raises
+it: used by model_files.py (exports), checkpoint.py (checkpoints) and the programs that load either.
 """
 
 from __future__ import annotations
 
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -60,6 +62,17 @@ def pickle_kind(path: Path) -> str | None:
     return None
 
 
-def pickle_refusal(path: Path, kind: str) -> str:
-    """The first half of the sentence every loader raises for a pickle; the caller adds what to do."""
-    return f"{path} is {kind}, not safetensors; {WHY}"
+def pickle_refusal(path: Path) -> str | None:
+    """The sentence every loader raises when the file `path` holds a pickle, judged by content whatever
+    its name ("<path> is a pickle file (protocol 4), not safetensors; vae_dist never unpickles, ..."),
+    without what to do, which the caller adds; None when it holds none (or is no file)."""
+    kind = pickle_kind(path) if Path(path).is_file() else None
+    return f"{path} is {kind}, not safetensors; {WHY}" if kind else None
+
+
+def refuse_pickle(path: Path, error: Callable[[str], Exception], advice: str) -> None:
+    """Raise `error(pickle_refusal(path) + advice)` when the file `path` holds a pickle. `advice` says
+    what to do instead and starts with the punctuation that joins it ("; pass ...", ". Convert ...")."""
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise error(refusal + advice)

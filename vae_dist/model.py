@@ -1,45 +1,23 @@
-"""The reference MNIST VAE (MLP encoder -> (mu, log sigma^2), decoder -> Bernoulli logits) and its bounds.
+"""The reference MNIST VAE: an MLP encoder to (mu, log sigma^2) of q(z|x), a decoder to Bernoulli logits.
 
-Loss terms follow Kingma & Welling 2014 (arXiv:1312.6114), appendix B: reconstruction is the
-Bernoulli negative log-likelihood summed over the 784 pixels, KL(q(z|x) || N(0, I)) is analytic.
-IWAE is Burda et al. 2016 (arXiv:1509.00519), eq. 8. Every value is in nats *per example*.
-
-`VAE.from_pretrained(folder)` loads `model.safetensors` with safetensors only: a pickle is refused
-whatever its name (unpickling can run arbitrary code), the weights must fit the architecture of
-`config.json` exactly (strict=True by default), and every problem with the files is one
-`ModelFileError` whose message names the file and what to do.
+Its bounds are in losses.py; its files (`save_pretrained`, `VAE.from_pretrained(folder)`: safetensors
+only, strict, one `ModelFileError` naming the file) in model_files.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from vae_dist.files import pickle_kind, pickle_refusal
+from vae_dist import model_files
+from vae_dist.model_files import ModelFileError as ModelFileError  # what from_pretrained raises
 
 # log sigma^2 is clamped here: sigma in [3e-7, 2.2e4] keeps exp() finite in fp16 and bf16 and is
 # far outside anything a trained model uses (|log sigma^2| < 10 on MNIST).
 LOG_VAR_MIN, LOG_VAR_MAX = -30.0, 20.0
-LOG_2PI = math.log(2 * math.pi)
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-LOAD_ADVICE = "pass a folder written by vae-train or VAE.save_pretrained (model.safetensors + config.json)"
 
 
 # The README.md that save_pretrained writes beside the weights. huggingface_hub's default card says the
@@ -64,11 +42,6 @@ model = VAE.from_pretrained("path/to/this/folder")  # strict: every weight of co
 In a run directory, `config.yaml` beside this file is the training config and `metrics.jsonl` the
 train and test losses (nats per example) of the run that wrote it.
 """
-
-
-class ModelFileError(ValueError):
-    """An exported model cannot be loaded: a missing file, a pickle, a truncated or corrupt safetensors
-    file, or weights of another architecture. The message names the file and says what to do."""
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -141,7 +114,7 @@ class VAE(
         self, x: torch.Tensor, eps: torch.Tensor, z_grad_scale: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits of z = mu + sigma * eps: [B, k, D] for `eps` [B, k, z], [B, D] for one sample [B, z];
-        and q's (mu, log_var). `z_grad_scale` [B, k] (DReG, `loss_terms`): the gradient reaching each
+        and q's (mu, log_var). `z_grad_scale` [B, k] (DReG, `losses.loss_terms`): the gradient reaching each
         z from the decoder is multiplied by it in the backward pass; it is filled after this forward."""
         mu, log_var = self.encode(x)
         z = self.reparameterize(mu, log_var, eps)
@@ -154,13 +127,8 @@ class VAE(
         return self.decode(z.flatten(0, 1)).view(*z.shape[:2], -1), mu, log_var
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        """model.safetensors with the model config in its metadata, so the file alone rebuilds the model."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(
-            state,
-            str(Path(save_directory) / "model.safetensors"),
-            metadata={"format": "pt", "config": json.dumps(self.config_dict)},
-        )
+        """PyTorchModelHubMixin's hook: model.safetensors, the config in its metadata (model_files)."""
+        model_files.write_weights(self, save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> VAE:
@@ -170,37 +138,14 @@ class VAE(
         other. Raises ModelFileError (a ValueError) for a missing file, a pickle (whatever its name), a
         truncated or corrupt safetensors file, an invalid config.json or weights of another architecture.
         A name that is no local path but could be a Hub id ("owner/name") is asked of the Hub once
-        (_ask_hub); one the Hub does not have, or any while the Hub cannot be reached and the local
-        Hub cache has no copy, is a ModelFileError that names both places tried.
+        (model_files.locate); one the Hub does not have, or any while the Hub cannot be reached and the
+        local Hub cache has no copy, is a ModelFileError that names both places tried.
         """
-        source = Path(pretrained_model_name_or_path)
-        if source.is_file():
-            kind = pickle_kind(source)
-            if kind:
-                raise ModelFileError(f"{pickle_refusal(source, kind)}; {LOAD_ADVICE}.")
-            if source.name != WEIGHTS_NAME:
-                raise ModelFileError(f"{source} is a file, not a model folder; {LOAD_ADVICE}.")
-            source = source.parent
-        offline = None  # why the Hub was not asked, when it was not
-        if not source.exists():
-            name = str(pretrained_model_name_or_path)
-            if not _is_hub_id(name):
-                raise ModelFileError(f"model folder {source} does not exist (in {Path.cwd()}); {LOAD_ADVICE}.")
-            offline = _ask_hub(name, kwargs.get("revision"), kwargs.get("token"))
-            if offline:
-                kwargs["local_files_only"] = True
-            elif kwargs.get("local_files_only"):
-                offline = "local_files_only=True"
-        model_id = str(source) if source.is_dir() else str(pretrained_model_name_or_path)
-        try:
+        model_id, offline = model_files.locate(pretrained_model_name_or_path, kwargs)
+        if offline:  # the Hub was not asked: the local cache only
+            kwargs["local_files_only"] = True
+        with model_files.config_errors(model_id, offline):
             return super().from_pretrained(model_id, **kwargs)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # config.json, read by the mixin
-            raise ModelFileError(f"{source / CONFIG_NAME} is not valid JSON ({err}); {LOAD_ADVICE}.") from None
-        except LocalEntryNotFoundError:  # the mixin's config.json, from the cache only
-            raise ModelFileError(
-                f"{model_id} is neither a folder or file in {Path.cwd()} nor a model in the local Hugging Face "
-                f"cache, and the Hub could not be asked ({offline or 'it stopped answering'}); {LOAD_ADVICE}."
-            ) from None
 
     @classmethod
     def _from_pretrained(
@@ -219,155 +164,15 @@ class VAE(
         """PyTorchModelHubMixin's hook, replaced: safetensors only (the mixin falls back to a pickled
         pytorch_model.bin), strict by default (the mixin's strict=False leaves a missing weight at its
         random init), and one ModelFileError naming the file for anything wrong with it."""
-        if Path(model_id).is_dir():
-            file = Path(model_id) / WEIGHTS_NAME
-            if not file.is_file():
-                raise ModelFileError(f"{Path(model_id)} holds no {WEIGHTS_NAME}; {LOAD_ADVICE}.")
-        else:
-            try:
-                file = Path(
-                    hf_hub_download(
-                        repo_id=model_id,
-                        filename=WEIGHTS_NAME,
-                        revision=revision,
-                        cache_dir=cache_dir,
-                        force_download=force_download,
-                        token=token,
-                        local_files_only=local_files_only,
-                    )
-                )
-            except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
-                raise ModelFileError(
-                    f"{model_id} is neither a local folder nor a Hub model with a {WEIGHTS_NAME} "
-                    f"({type(err).__name__}); {LOAD_ADVICE}. A pickled pytorch_model.bin is never loaded."
-                ) from None
-        kind = pickle_kind(file)
-        if kind:
-            raise ModelFileError(
-                f"{pickle_refusal(file, kind)}. Convert it to safetensors where you trust its origin, or {LOAD_ADVICE}."
-            )
-        try:
-            with safe_open(str(file), "pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as err:
-            reason = (str(err).strip().splitlines() or [""])[0][:200]
-            raise ModelFileError(
-                f"{file} is not a readable safetensors file ({reason}; truncated or corrupt?); {LOAD_ADVICE}."
-            ) from None
-        if not any(k in model_kwargs for k in ("x_dim", "hidden_dims", "z_dim")):  # no config.json
-            model_kwargs = {**_metadata_config(metadata), **model_kwargs}
-        try:
-            model = cls(**model_kwargs)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ModelFileError(
-                f"the config of {file} ({CONFIG_NAME} or the file's metadata) does not build a VAE ({err}); "
-                f"{LOAD_ADVICE}."
-            ) from None
-        problems = state_problems(model.state_dict(), state, strict=strict)
-        if problems:
-            shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-            raise ModelFileError(
-                f"{file} holds weights of another architecture than VAE({_kwargs_text(model.config_dict)}) "
-                f"({shown}); load it with the config it was trained with (its {CONFIG_NAME}), or another file."
-            )
-        model.load_state_dict(state, strict=strict)
-        return model.to(map_location).eval()
-
-
-def _ask_hub(repo_id: str, revision: str | None, token: str | bool | None) -> str | None:
-    """Ask the Hub once whether `repo_id` holds a model.safetensors: None when it does (the download
-    goes on as usual), why the Hub could not be asked when it could not (offline mode, no network:
-    the caller then reads the local cache only), and ModelFileError when the Hub answers that there is
-    no such model. One request, never retried: without a network huggingface_hub retries its
-    requests for about 26 s before it falls back to its cache, and a mistyped local path, which looks
-    like a Hub id ("runs/typo"), should not wait for that."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_NAME, revision=revision), token=token)
-    except GatedRepoError:  # it exists, behind an access request: the download's own error says how
-        return None
-    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise ModelFileError(
-            f"{repo_id} is neither a folder or file in {Path.cwd()} nor a model with a {WEIGHTS_NAME} on the "
-            f"Hugging Face Hub ({constants.ENDPOINT} answered {type(err).__name__}; a private model needs "
-            f"`hf auth login` or token=); {LOAD_ADVICE}."
-        ) from None
-    except HfHubHTTPError:  # the Hub answered something else (a server error): the download reports it
-        return None
-    except Exception as err:  # no network, DNS, a proxy: the library's own exception types vary by version
-        return f"{constants.ENDPOINT} could not be reached: {type(err).__name__}: {str(err)[:120]}"
-    return None
-
-
-def _is_hub_id(text: str) -> bool:
-    """Whether `text` could name a Hub model ("owner/name"); a local path that does not exist cannot."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _metadata_config(metadata: dict[str, str]) -> dict:
-    """The model config that _save_pretrained stores in the safetensors metadata, or {}."""
-    try:
-        config = json.loads(metadata.get("config", "{}"))
-    except json.JSONDecodeError:
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def _kwargs_text(config: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in config.items())
-
-
-def state_problems(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], strict: bool = True, found_in: str = "file"
-) -> list[str]:
-    """Every tensor of `found` that does not fit `expected`: missing and unexpected keys (strict only)
-    and wrong shapes, each as "<key>: ..." (`found_in` names where `found` came from); [] when the
-    state dict loads."""
-    problems = []
-    if strict:
-        problems += [f"{k}: missing" for k in expected if k not in found]
-        problems += [f"{k}: unexpected" for k in found if k not in expected]
-    problems += [
-        f"{k}: {found_in} {tuple(found[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in found and found[k].shape != v.shape
-    ]
-    return problems
-
-
-def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x|z) summed over pixels, in fp32: [B, k, D] logits against [B, D] targets -> [B, k]
-    (or [B, D] logits of one sample -> [B])."""
-    target = x.float() if logits.dim() == 2 else x.float().unsqueeze(1).expand_as(logits)
-    return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").sum(-1)
-
-
-def gaussian_kl(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """Analytic KL(N(mu, sigma^2) || N(0, I)) summed over z: Kingma & Welling 2014, appendix B. [B]."""
-    return -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=-1)
-
-
-def log_weights(logits, x, z, mu, log_var, kl_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k | x) for each of the k samples: [B, k]; with `kl_weight` b,
-    log p(x | z_k) + b (log p(z_k) - log q(z_k | x)) (KL warm-up)."""
-    log_px_z = -bernoulli_nll(logits, x)
-    log_pz = -0.5 * (z.float().pow(2) + LOG_2PI).sum(-1)
-    eps_sq = (z.float() - mu.unsqueeze(1)).pow(2) / log_var.exp().unsqueeze(1)
-    log_qz = -0.5 * (eps_sq + log_var.unsqueeze(1) + LOG_2PI).sum(-1)
-    if kl_weight is not None:
-        return log_px_z + kl_weight * (log_pz - log_qz)
-    return log_px_z + log_pz - log_qz
+        file = model_files.weights_file(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
+        return model_files.load(cls, file, model_kwargs, strict=strict).to(map_location).eval()
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -384,79 +189,3 @@ class ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad * ctx.scale.unsqueeze(-1).to(grad.dtype), None
-
-
-def loss_terms(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    eps: torch.Tensor,
-    objective: str = "elbo",
-    estimator: str = "reparam",
-    kl_weight: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-example terms [B], in nats: `loss` (what is minimised), `elbo` (= -ELBO), `recon`, `kl`.
-
-    elbo: recon averaged over the k samples + analytic KL (k = 1 is the reference loss).
-    iwae: -log (1/k) sum_k w_k, the importance-weighted bound; recon and kl are still reported.
-    `kl_weight` (a 0-dim device tensor, KL warm-up; None = 1, and no multiply): the loss weighs the KL
-    (elbo), or log p(z) - log q(z) inside each log weight (iwae, as nbip/IWAE anneals it); `elbo`,
-    `recon` and `kl` stay the true terms.
-    `estimator` changes the gradient of `loss`, never the true terms:
-    - reparam: the plain reparameterisation gradient of the loss above;
-    - stl (Roeder et al. 2017, "Sticking the landing"): q's mu and log sigma^2 stopped inside log q, so
-      the encoder gets the path derivative only; the KL of the elbo objective is then the single-sample
-      estimate log q(z) - log p(z), and `loss` its value. With iwae (k > 1) it is biased (Tucker et
-      al. 2018): DReG is the unbiased form;
-    - dreg (Tucker et al. 2018, eq. 7; objective iwae): the decoder's gradient is IWAE's, the encoder's
-      sum_k w~_k^2 d log w_k / dz_k dz_k/dphi with q's parameters stopped inside log q (w~: normalised
-      weights); `loss` keeps the IWAE bound's value.
-    """
-    if estimator != "reparam":
-        return _path_loss_terms(model, x, eps, objective, estimator, kl_weight)
-    # The reference loss (elbo, k = 1), every default run's hot path, runs in 2-D: the same numbers
-    # without the [B, 1, ...] views' forward and backward nodes (~0.1 ms a step on a 2-core CPU).
-    one = objective == "elbo" and eps.shape[1] == 1
-    logits, mu, log_var = model(x, eps[:, 0] if one else eps)  # through forward(), so a DDP wrapper sees it
-    recon = bernoulli_nll(logits, x)  # [B], or [B, k]
-    kl = gaussian_kl(mu, log_var)
-    terms = {"recon": recon if one else recon.mean(1), "kl": kl}  # recon averaged over the k samples
-    terms["elbo"] = terms["recon"] + kl
-    if objective == "iwae":
-        z = VAE.reparameterize(mu, log_var, eps)  # the z forward() decoded: same inputs, same values
-        lw = log_weights(logits, x, z, mu, log_var, kl_weight)
-        terms["loss"] = -(torch.logsumexp(lw, dim=1) - math.log(lw.shape[1]))
-    elif kl_weight is not None:
-        terms["loss"] = terms["recon"] + kl_weight * kl
-    else:
-        terms["loss"] = terms["elbo"]
-    return terms
-
-
-def _path_loss_terms(model, x, eps, objective, estimator, kl_weight) -> dict[str, torch.Tensor]:
-    """loss_terms for estimator=stl and dreg (see there): always in [B, k, ...] form."""
-    if eps.dim() == 2:
-        eps = eps.unsqueeze(1)
-    dreg = estimator == "dreg"
-    # DReG's per-sample weights w~_k, known after the decoder ran: filled below, read by the backward.
-    scale = eps.new_empty(eps.shape[:2], dtype=torch.float32) if dreg else None
-    logits, mu, log_var = model(x, eps, scale)  # through forward(), so a DDP wrapper sees it
-    recon = bernoulli_nll(logits, x)  # [B, k]
-    kl = gaussian_kl(mu, log_var)
-    terms = {"recon": recon.mean(1), "kl": kl}
-    terms["elbo"] = terms["recon"] + kl
-    z = VAE.reparameterize(mu, log_var, eps)  # the z forward() decoded, with the same gradient paths
-    if dreg:
-        z = ScaleGrad.apply(z, scale)
-    lw = log_weights(logits, x, z, mu.detach(), log_var.detach(), kl_weight)  # [B, k]: q's parameters stopped
-    if objective == "elbo":  # k = 1 (the config allows no other): the single-sample -ELBO
-        terms["loss"] = -lw[:, 0]
-        return terms
-    bound = -(torch.logsumexp(lw, dim=1) - math.log(lw.shape[1]))
-    if not dreg:
-        terms["loss"] = bound
-        return terms
-    w = torch.softmax(lw.detach(), dim=1)  # w~_k
-    scale.copy_(w)  # z's gradient from every term of log w_k gets a second factor w~_k
-    surrogate = -(w * lw).sum(1)  # gradient: -sum_k w~_k d log w_k, the decoder's as IWAE's
-    terms["loss"] = bound.detach() + (surrogate - surrogate.detach())  # the bound's value, DReG's gradient
-    return terms

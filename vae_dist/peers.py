@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-EXIT_PEER_LOST = 76  # a process of the run stopped answering: rerun the same command to resume
-# Set by vae_dist.machines (the launcher of a multi-machine run): the file a process writes its
+from vae_dist.errors import EXIT_PEER_LOST
+
+# Set by vae_dist.cli.machines (the launcher of a multi-machine run): the file a process writes its
 # message to before it exits EXIT_PEER_LOST, so that the launcher, whose torchrun agent may itself be
 # blocked on the lost network, can end with the same code.
 PEER_LOST_FILE_ENV = "VAE_DIST_PEER_LOST_FILE"

@@ -4,7 +4,7 @@ Python raises BrokenPipeError at the first write after the reader closed the pip
 flushes stdout at exit. The commands that print results wear `@quiet_when_the_reader_leaves`: the
 error ends the command with exit code 141 (128 + SIGPIPE, what a shell reports for tools the signal
 ends), and stdout is pointed at /dev/null so the flush at exit has nowhere to fail. Not vae-train: a
-training run keeps training when its log reader dies (see the README, "Stopping a run").
+training run keeps training when its log reader dies (docs/checkpoints.md, "Stopping a run").
 """
 
 from __future__ import annotations

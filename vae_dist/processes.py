@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from vae_dist.errors import BadInput
 
-class LaunchError(RuntimeError):
+
+class LaunchError(BadInput, RuntimeError):
     """The launcher asked for several processes but this one is alone: refuse rather than run N copies."""
 
 

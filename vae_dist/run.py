@@ -1,11 +1,12 @@
 """A run's frame: its process group, its run.dir, its stop signals, and the one place where it ends.
 
 `Run` begins a run (the process group on the device `train.device` names, the run.dir lock) and ends
-it. Every way out of a run goes through `Run.end`, which releases what the run holds in one fixed
-order (see `Trainer.close` for the list):
+it. Each resource is registered with the run's `contextlib.ExitStack` as it is built (`Run.hold`), and
+every way out of a run (finished, preempted, failed, refused during start-up) goes through `Run.end`,
+which unwinds the stack: the reverse of the build order, which `Trainer.setup` keeps to
 
     device work -> the captured step -> the checkpoint writer -> the figure worker -> the tracker
-      -> the process group -> run.dir's lock and the signal handlers
+      -> the process group -> the signal handlers -> run.dir's lock
 
 The process group goes last of the shared things because NCCL cannot destroy a communicator while
 a live CUDA graph holds one of its collectives: `ncclCommDestroy` waits for the graph to be freed
@@ -26,6 +27,7 @@ optimizer steps. At the end of an epoch they agree at once (`stop_agreed`).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import shutil
@@ -39,13 +41,12 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 
-from vae_dist.checkpoint import clear_stale_temps
+from vae_dist.build import wants_graphs
 from vae_dist.config import Config, ConfigError
 from vae_dist.peers import PeerWatch
 from vae_dist.processes import check_launch, describe_processor, set_cpu_threads
 from vae_dist.runlock import RunLock, RunLocked
 from vae_dist.signals import StopSignals
-from vae_dist.step import wants_graphs
 from vae_dist.tracking import log_with
 
 STOP_CHECK_EVERY = 10  # optimizer steps between the ranks' stop-flag all-reduces (several processes)
@@ -141,9 +142,18 @@ class Run:
         rank when another run holds it) and cleared of the temporary folders of saves that were killed.
         `signals`: those `vae-train` installed at its start; without them (a notebook, a test) `start`
         installs its own for the run."""
-        state, self.crowded = build_state(cfg)  # crowded: said when training starts (Metrics.start)
-        self.accum = cfg.train.accumulation_steps(state.num_processes)  # a ConfigError names the numbers to change
-        self.micro = cfg.train.micro_batch(state.num_processes)
+        # What the run holds, each registered as it is built and released in reverse at its one end
+        # (`end`): run.dir's lock last, the process group before it, then whatever the trainer adds.
+        self.resources = contextlib.ExitStack()
+        self.lock: RunLock | None = None
+        self.peers: PeerWatch | None = None
+        self._flag: tuple[torch.Tensor, dist.Work] | None = None  # the stop-flag all-reduce in flight
+        self.resources.callback(self.release_lock)
+        self.signals = signals or StopSignals()
+        self.own_signals = False
+        self.resources.callback(self.uninstall_own_signals)
+        state, self.crowded = build_state(cfg)  # crowded: said when training starts (Report.start)
+        self.accum, self.micro = cfg.train.batch_split(state.num_processes)  # a ConfigError names the numbers to change
         self.accelerator = accelerator = Accelerator(
             cpu=state.device.type == "cpu",
             mixed_precision=cfg.train.precision,
@@ -153,20 +163,17 @@ class Run:
             # accelerate's clear_environment(), which empties and restores os.environ (about 0.3 ms a
             # step on the 2-core CPU, and racy with other threads).
         )
+        self.hold("the process group", self.destroy_process_group)
         self.cfg = cfg
         self.is_main = accelerator.is_main_process
         self.dir = Path(cfg.run.dir)
         self.new_dir = not self.dir.exists()
-        self.signals = signals or StopSignals()
-        self.own_signals = False
-        self.lock: RunLock | None = None
+        self.ended = False
         try:
             self.lock = self.on_main(lambda: lock_run_dir(self.dir))
         except BaseException:  # refused (or stopped) before the run holds anything but its process group
-            accelerator.end_training()
+            self.end()
             raise
-        if self.is_main:
-            clear_stale_temps(self.dir)
         # The ranks agree on stop flags over a gloo group of their own: on NCCL no GPU stream waits for
         # it, and on gloo it never queues behind DDP's gradient all-reduces.
         several = accelerator.num_processes > 1
@@ -174,9 +181,7 @@ class Run:
         self.flag_group = dist.new_group(backend="gloo", timeout=timeout) if several else None
         # From here a process that stops answering ends the run within dist.timeout_s (vae_dist.peers).
         self.peers = PeerWatch(self.dir, cfg.dist.timeout_s) if several else None
-        self._flag: tuple[torch.Tensor, dist.Work] | None = None  # the all-reduce in flight
         self._agreed = False  # a stop every rank has agreed on
-        self.ended = False
 
     def on_main(self, action: Callable, *errors: type[Exception]):
         """`action()` on the main process; the others get None. An error there (a refused run.dir, or
@@ -252,9 +257,21 @@ class Run:
             self._agreed = self._agreed or bool(flag.item())
 
     # ---------------------------------------------------------------- end
-    def end(self, releases: list[tuple[str, Callable[[], object] | None]]) -> None:
-        """The one end of a run: `releases` in their order (None: not built, skipped), each failure a
-        ReleaseWarning; then run.dir's lock and the signal handlers. Called once; later calls do nothing."""
+    def hold(self, what: str, release: Callable[[], object]) -> None:
+        """Register `release` of a resource just built: the run's end calls it before what was held
+        earlier. A release that fails is a ReleaseWarning, and the ones after it still run."""
+
+        def guarded() -> None:
+            try:
+                release()
+            except Exception as err:  # a failed release never keeps the next ones from running
+                warnings.warn(f"could not release {what} at the end of the run ({err})", ReleaseWarning, stacklevel=2)
+
+        self.resources.callback(guarded)
+
+    def end(self) -> None:
+        """The one end of a run, on every path: what it holds, released in reverse of how it was built
+        (`hold`). Called once; later calls do nothing."""
         if self.ended:
             return
         self.ended = True
@@ -263,19 +280,19 @@ class Run:
         # The process's own stderr (file descriptor 2): sys.stderr may be a Python object without one
         # (a notebook, pytest's capture).
         faulthandler.dump_traceback_later(END_GRACE_S, exit=True, file=sys.__stderr__)
-        for what, release in releases:
-            if release is None:
-                continue
-            try:
-                release()
-            except Exception as err:  # a failed release never keeps the next ones from running
-                warnings.warn(f"could not release {what} at the end of the run ({err})", ReleaseWarning, stacklevel=2)
-        faulthandler.cancel_dump_traceback_later()
+        try:
+            self.resources.close()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+
+    def uninstall_own_signals(self) -> None:
         if self.own_signals:
             self.signals.uninstall()
+
+    def release_lock(self) -> None:
+        """run.dir's lock, last; a run refused at start-up leaves no empty run.dir behind."""
         if self.lock is not None:
             self.lock.release()
-            # A run refused at start-up leaves no empty run.dir behind.
             if self.is_main and self.new_dir and [p.name for p in self.dir.iterdir()] == [".lock"]:
                 shutil.rmtree(self.dir)
 

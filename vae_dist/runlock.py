@@ -50,6 +50,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from vae_dist.errors import BadInput
+
 LOCK_NAME = ".lock"
 
 # flock() errors that mean "this filesystem cannot lock", not "someone holds the lock":
@@ -61,7 +63,7 @@ UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 HELD = {errno.EWOULDBLOCK, errno.EAGAIN}
 
 
-class RunLocked(RuntimeError):
+class RunLocked(BadInput, RuntimeError):
     """Another live run holds the run.dir; the message names it and says what to do."""
 
     def __init__(self, run_dir: Path, holder: dict[str, Any] | None):

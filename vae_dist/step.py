@@ -1,19 +1,13 @@
-"""One optimizer step of the VAE: the batch plan, the noise, forward, backward, the update and the
+"""One optimizer step of the VAE: the noise, forward, backward, the update and the
 device-side sums; on CUDA, the whole of it captured once as a CUDA graph and replayed every step.
 
 The trainer drives it: once an epoch, `TrainStep.epoch_batches(BatchPlan.epoch(e))` gathers this
 process's pixels of the whole epoch into one float tensor [steps, accumulation steps, micro-batch,
 784] on the device; then `TrainStep.run(step, batches[s])` takes optimizer step `step` on step s's
 slice. Nothing in a step waits for the device: the loss sums and the finiteness of each step stay
-in device tensors (`rows`), read by the trainer at its logging interval.
+in device tensors (the logging window's `rows`, vae_dist.window), read at its logging interval.
 
-The batch plan: epoch e's order is one permutation of the N training examples, drawn on the CPU from
-(train.seed, e), the same on every rank, device and process count. Global batch s is the slice
-[s*G, (s+1)*G) of it; micro-batch m of rank r takes positions [(m*P + r) * micro, ... + micro) of that
-global batch: one gather an epoch, no DataLoader, no host-to-device copy per step. Each epoch
-uses floor(N / G) global batches (MNIST's 60,000 at batch 100: all of them); the last N mod G of
-each permutation sit that epoch out (a different set each epoch), so that every step has the same
-shape, which a graph needs.
+The batch plan (which examples each micro-batch takes): vae_dist.batches.
 
 The noise contract: the reparameterisation noise (and, with data.binarize=dynamic, the Bernoulli
 draws) of step s is drawn for the whole global batch from a generator seeded by (train.seed, s), and
@@ -27,7 +21,7 @@ device tensor so that schedules still apply) and the sums. Per step the host see
 generator, copies the step's pixels into the graph's input buffer and replays. The recipe, and the
 pitfalls it avoids (PyTorch's "CUDA Graphs" notes; Megatron-LM's full_cuda_graph.py):
 - eager warm-up steps on a side stream before capture: 3, or 11 under DDP (its first iterations
-  rebuild buckets), and DDP itself built on a side stream (`prepare`);
+  rebuild buckets), and DDP itself built on a side stream (vae_dist.build.prepare);
 - gradients allocated before capture and zeroed inside the graph, never set to None: a gradient
   that autograd creates inside the capture lives in the graph's private pool, and accumulation over
   micro-batches then read stale memory (pytorch/pytorch#96693);
@@ -48,7 +42,7 @@ A capture that fails inside `torch.cuda.graph(...)` leaves the noise generator m
 and may leave the capture stream current; both are undone (`_after_failed_capture`) before the
 eager steps go on with the numbers of train.cuda_graphs=off. The graph is freed before the process
 group at the end of a run (`release_graph`, vae_dist.run).
-fp16 steps stay eager (see the README's "On a GPU"): with fused Adam, `GradScaler` no longer reads
+fp16 steps stay eager (docs/performance.md, "On a GPU"): with fused Adam, `GradScaler` no longer reads
 its inf check on the host (the kernel skips the update itself, and the skip is counted on the
 device in `skipped`), so nothing in principle keeps fp16 from a capture, but that capture has not
 run on a GPU yet.
@@ -60,15 +54,17 @@ import contextlib
 import math
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from accelerate.utils import get_mixed_precision_context_manager
 
+from vae_dist.batches import BatchPlan
+from vae_dist.build import side_stream
 from vae_dist.data import to_unit
-from vae_dist.model import VAE, loss_terms
-from vae_dist.streams import ORDER_STREAM, TERMS, TRAIN_STREAM, seed_for
+from vae_dist.errors import first_line
+from vae_dist.losses import loss_terms
+from vae_dist.streams import TERMS, TRAIN_STREAM, seed_for
 
 WARMUP_STEPS = 3  # eager steps before capture (PyTorch's whole-network example uses 3)
 WARMUP_STEPS_DDP = 11  # under DDP: "at least 11 DDP-enabled eager iterations" (PyTorch CUDA Graphs notes)
@@ -80,110 +76,14 @@ class GraphWarning(UserWarning):
     """The step could not be captured as a CUDA graph (the message says why); training goes on eagerly."""
 
 
-@dataclass
-class BatchPlan:
-    """Which training examples each micro-batch of each optimizer step takes (see the module docstring)."""
-
-    n: int  # training examples
-    batch_size: int  # global batch G
-    micro: int  # examples per process per forward
-    accum: int  # micro-batches per process per optimizer step
-    rank: int
-    world: int  # processes P
-    seed: int
-    device: torch.device
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.n // self.batch_size
-
-    def epoch(self, epoch: int) -> torch.Tensor:
-        """This rank's indices for every step of `epoch`: int64 [steps, accum, micro] on the device."""
-        g = torch.Generator().manual_seed(seed_for(self.seed, ORDER_STREAM, epoch))
-        order = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch_size]
-        mine = order.view(self.steps_per_epoch, self.accum, self.world, self.micro)[:, :, self.rank]
-        return mine.contiguous().to(self.device)
-
-    def mine(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's rows [accum, micro, ...] of a tensor [G, ...] drawn for the whole global batch."""
-        return batch.view(self.accum, self.world, self.micro, *batch.shape[1:])[:, self.rank]
-
-
-def wants_graphs(mode: str, device: torch.device, precision: str, compile: bool) -> bool:
-    """Whether train.cuda_graphs=`mode` asks for a capture on this device and precision."""
-    return mode != "off" and device.type == "cuda" and precision != "fp16" and not compile
-
-
-@contextlib.contextmanager
-def side_stream():
-    """Run the block on a fresh CUDA stream that waits for the current one, and make the current one
-    wait for it after: where PyTorch's capture recipe wants warm-up steps and DDP's construction."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        yield
-    torch.cuda.current_stream().wait_stream(side)
-
-
-def prepare(accelerator, model, optimizer, graphs: bool):
-    """`accelerator.prepare(model, optimizer)`; under DDP with graphs, DDP is built on a side stream,
-    as PyTorch's recipe for capturing DDP asks."""
-    with side_stream() if graphs and accelerator.num_processes > 1 else contextlib.nullcontext():
-        return accelerator.prepare(model, optimizer)
-
-
-def build_model_and_optimizer(cfg, accelerator, x_dim: int, graphs: bool, pixel_means: torch.Tensor | None = None):
-    """The VAE (the same initial weights on every rank and topology, from train.seed) and its Adam,
-    prepared by Accelerate (DDP on several processes) and compiled where train.compile asks.
-
-    With model.init_output_bias the decoder's output bias starts at the logit of `pixel_means` [784],
-    the training split's mean pixels: every rank holds the whole split and computes them alike
-    (`pixel_means`), so the initial weights stay the same on every rank.
-
-    Fused Adam (one kernel over all parameters) on CPU and CUDA: on the 2-core CPU it takes 0.5 ms a
-    step where the default per-tensor loop takes 1.2 ms and foreach 1.4 ms. On CUDA the learning rate
-    is a device tensor, which a graph reads at replay; eager steps use it too, so that a graphed run,
-    one that fell back to eager and train.cuda_graphs=off do the same arithmetic (the kernel rounds a
-    float32 tensor lr and a Python float differently). Adam is capturable only while capturing
-    (`TrainStep.capture`): torch warns that a capturable eager step is slower."""
-    dev = accelerator.device
-    torch.manual_seed(cfg.train.seed)
-    arch = {"activation": cfg.model.activation} if cfg.model.activation != "relu" else {}
-    model = VAE(x_dim=x_dim, hidden_dims=cfg.model.hidden_dims, z_dim=cfg.model.z_dim, **arch)
-    if cfg.model.init_output_bias:
-        if pixel_means is None:
-            raise ValueError("model.init_output_bias needs the training split's pixel means (pixel_means).")
-        model.init_output_bias(pixel_means)
-    model = model.to(dev)
-    optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=torch.tensor(cfg.optim.lr, device=dev) if dev.type == "cuda" else cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-        fused=True,
-    )
-    model, optimizer = prepare(accelerator, model, optimizer, graphs)
-    if cfg.train.compile:
-        model = torch.compile(model, mode=cfg.train.compile_mode)
-    return model, optimizer
-
-
-def pixel_means(images: torch.Tensor) -> torch.Tensor:
-    """Mean of each pixel over a split, in [0, 1] (float64 [D]) from uint8 [N, D] (0..255, or 0/255 when
-    binarized). Under dynamic binarization the expected binary pixel is the grayscale mean: the same."""
-    return images.double().mean(0) / 255
-
-
 class TrainStep:
     """One optimizer step, eager or replayed as one CUDA graph (see the module docstring).
 
-    Device-side state the trainer reads: `rows` [log_every, len(TERMS)] holds the summed loss terms
-    of each step since the trainer last called `reset_rows` (row i = i-th step), and `norm` the
-    global gradient norm before clipping (when optim.grad_clip > 0; otherwise `grad_norm()` measures
-    it from the gradients the step left)."""
+    Each step writes its summed loss terms into the next row of the logging window's `rows`
+    (vae_dist.window, which owns them); `norm` holds the global gradient norm before clipping (when
+    optim.grad_clip > 0; otherwise `grad_norm()` measures it from the gradients the step left)."""
 
-    def __init__(self, cfg, accelerator, model, optimizer, images: torch.Tensor, plan: BatchPlan, graphs: bool):
+    def __init__(self, cfg, accelerator, model, optimizer, images: torch.Tensor, plan: BatchPlan, graphs: bool, window):
         self.acc = accelerator
         self.model = model  # as prepared: DDP-wrapped on several processes
         self.optimizer = optimizer  # Accelerate's wrapper: GradScaler step for fp16
@@ -201,9 +101,7 @@ class TrainStep:
         self.autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
         dev = accelerator.device
         self.noise = torch.Generator(device=dev)
-        self.rows = torch.zeros(cfg.tracking.log_every_steps, len(TERMS), device=dev)
-        self.row = torch.zeros(1, dtype=torch.long, device=dev)  # next row of `rows`, for a graph
-        self.used = 0  # rows written since the last reset_rows (the host's count)
+        self.window = window  # vae_dist.window.LogWindow: the rows this step fills
         self.norm = torch.full((), math.nan, device=dev)
         self.skipped = torch.zeros((), dtype=torch.long, device=dev)  # fp16 steps skipped for inf/NaN gradients
         self.lr = math.nan  # the learning rate last set (host float)
@@ -263,12 +161,13 @@ class TrainStep:
             self.skipped.add_((acc.scaler._scale < before).long())
         else:
             self.inner.step()  # the wrapper only forwards here, at ~0.3 ms of host work a step on a CPU
+        window = self.window
         if self.graphs:  # a replay finds its row through a device counter
-            self.rows.index_copy_(0, self.row, total.unsqueeze(0))
-            self.row.add_(1)
+            window.rows.index_copy_(0, window.row, total.unsqueeze(0))
+            window.row.add_(1)
         else:  # eagerly the host knows it (fewer kernels a step: the CPU's hot path)
-            self.rows[self.used].copy_(total)
-        self.used += 1
+            window.rows[window.used].copy_(total)
+        window.used += 1
 
     def run(self, step: int, x: torch.Tensor) -> None:
         """Optimizer step `step` (0-based count of steps taken) on the pixels `x`: replayed, or eager."""
@@ -276,7 +175,7 @@ class TrainStep:
         if self.graph is not None:
             self.static_x.copy_(x)
             self.graph.replay()
-            self.used += 1
+            self.window.used += 1
             return
         if self.graphs and self.fallback is None and self.eager_steps >= self.warmup and self.capture(step, x):
             return
@@ -309,13 +208,6 @@ class TrainStep:
         if self.graph is not None:
             return "one CUDA graph a step"
         return f"eager: {self.fallback}" if self.fallback else "eager"
-
-    def reset_rows(self, used: int = 0) -> None:
-        """Start a new logging window; `used` rows of it already hold sums (a resumed window)."""
-        if used == 0:
-            self.rows.zero_()
-        self.row.fill_(used)
-        self.used = used
 
     def grad_norm(self) -> torch.Tensor:
         """Global gradient norm (before clipping) of the last step, on the device."""
@@ -386,7 +278,7 @@ class TrainStep:
         for p in self.params:
             out += [v for v in self.inner.state.get(p, {}).values() if torch.is_tensor(v)]
         out += [g["lr"] for g in self.inner.param_groups if torch.is_tensor(g["lr"])]
-        return out + [self.rows, self.row, self.norm, self.skipped]
+        return out + [self.window.rows, self.window.row, self.norm, self.skipped]
 
     def capture(self, step: int, x: torch.Tensor) -> bool:
         """Capture the step, replay it as step `step` and check it against the eager step from the same
@@ -396,7 +288,7 @@ class TrainStep:
         Every rank agrees twice: that all captured (before any replay, since a replay runs the captured
         all-reduce, which a rank that gave up would never join), and that all replays verified."""
         state = self._state()
-        before, used = [t.clone() for t in state], self.used
+        before, used = [t.clone() for t in state], self.window.used
         graph, expected = None, None
         stream = torch.cuda.current_stream()
         why = self.blocker()
@@ -419,25 +311,17 @@ class TrainStep:
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.compute(self.static_x)
             except Exception as err:  # anything capture raises: the run trains on eagerly
-                why = f"capture failed ({_first_line(err)})"
+                why = f"capture failed ({first_line(err, 200)})"
                 self._after_failed_capture(stream)
             finally:
                 self._capturable(False)
         why = self._agree(why)
         if why is None:
-            try:
-                self.noise.manual_seed(seed_for(self.seed, TRAIN_STREAM, step))
-                graph.replay()
-                diff = max(_relative(t, e) for t, e in zip(state, expected))
-                if not diff <= VERIFY_RTOL:
-                    why = f"the first graphed step differed from the eager step by {diff:.1e} (relative, > {VERIFY_RTOL:g})"
-            except Exception as err:
-                why = f"the first replay failed ({_first_line(err)})"
-            why = self._agree(why)
-        self.used = used  # compute() counted the eager reference and the capture
+            why = self._agree(self._first_replay(graph, step, state, expected))
+        self.window.used = used  # compute() counted the eager reference and the capture
         if why is None:
             self.graph = graph
-            self.used += 1  # the replay of step `step`
+            self.window.used += 1  # the replay of step `step`
             return True
         for t, b in zip(state, before):
             t.copy_(b)
@@ -451,6 +335,19 @@ class TrainStep:
                 stacklevel=3,
             )
         return False
+
+    def _first_replay(self, graph, step: int, state: list[torch.Tensor], expected: list[torch.Tensor]) -> str | None:
+        """Replay the new graph as step `step`: why it cannot be used (an error, or a result other than
+        the eager step's `expected`), or None."""
+        try:
+            self.noise.manual_seed(seed_for(self.seed, TRAIN_STREAM, step))
+            graph.replay()
+            diff = max(_relative(t, e) for t, e in zip(state, expected))
+        except Exception as err:
+            return f"the first replay failed ({first_line(err, 200)})"
+        if not diff <= VERIFY_RTOL:
+            return f"the first graphed step differed from the eager step by {diff:.1e} (relative, > {VERIFY_RTOL:g})"
+        return None
 
     def _capturable(self, on: bool) -> None:
         for group in self.inner.param_groups:
@@ -476,10 +373,6 @@ class TrainStep:
         if failed.item() and why is None:
             return "another process could not capture its step"
         return why
-
-
-def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

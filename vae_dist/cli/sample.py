@@ -1,6 +1,6 @@
 """Draw pictures from a trained VAE: prior samples, reconstructions, interpolations and, for z = 2, the manifold.
 
-    python -m vae_dist.sample runs/mnist --data-root ../shared/data
+    python -m vae_dist.cli.sample runs/mnist --data-root ../shared/data
     vae-sample runs/mnist/checkpoints/step-6000 --out pictures --seed 1 --n 100 --examples 0,1,2,3 \
         --interpolate 3 2 --interpolate 0 1 --steps 12
 
@@ -17,13 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from vae_dist.errors import BadInput, first_line
 from vae_dist.pipes import quiet_when_the_reader_leaves
 
-EXIT_BAD_INPUT = 2
 MODEL_FILES = ("model.safetensors", "config.json")
 
 
-class SampleError(ValueError):
+class SampleError(BadInput, ValueError):
     """A model, data or option problem; the message says what was expected."""
 
 
@@ -83,15 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def model_folder(path: Path) -> Path:
     """The folder holding model.safetensors + config.json; `path` may also be the safetensors file."""
-    from vae_dist.files import pickle_kind, pickle_refusal
+    from vae_dist.files import refuse_pickle
 
     for file in (path, path / MODEL_FILES[0]):  # by content, whatever the name, before any data is read
-        kind = pickle_kind(file) if file.is_file() else None
-        if kind:
-            raise SampleError(
-                f"{pickle_refusal(file, kind)}; give an exported model (a run directory) or a checkpoint "
-                f"directory written by vae-train, both holding {' and '.join(MODEL_FILES)}."
-            )
+        refuse_pickle(
+            file,
+            SampleError,
+            "; give an exported model (a run directory) or a checkpoint directory written by vae-train, "
+            f"both holding {' and '.join(MODEL_FILES)}.",
+        )
     folder = path.parent if path.is_file() and path.suffix == ".safetensors" else path
     if not folder.is_dir():
         raise SampleError(
@@ -157,9 +157,8 @@ def draw(args: argparse.Namespace) -> dict[str, Path]:
     except ModelFileError as err:  # a pickle, a truncated file, foreign weights: the message names the file
         raise SampleError(str(err)) from None
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise SampleError(
-            f"{folder} could not be loaded as a VAE ({type(err).__name__}: {reason}); give a folder written by "
+            f"{folder} could not be loaded as a VAE ({first_line(err, 200)}); give a folder written by "
             "vae-train (the run directory or one of its checkpoints)."
         ) from err
 
@@ -221,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         paths = draw(args)
-    except SampleError as err:
+    except BadInput as err:
         print(f"vae-sample: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return err.exit_code
     for key, path in paths.items():
         print(f"{key:>13}: {path}")
     return 0

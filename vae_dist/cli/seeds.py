@@ -1,9 +1,9 @@
 """`vae-seeds`: N seeds of one experiment on one machine, each an ordinary `vae-train` run.
 
-    vae-seeds --config configs/mnist.yaml --seeds 5 data.root=../shared/data     # runs/mnist/seed-0 .. seed-4
-    vae-seeds --config configs/smoke.yaml --seeds 3 --base-seed 10 run.dir=runs/smoke3
-    vae-seeds --config configs/mnist.yaml --seeds 5 --dry-run                     # the commands, nothing run
-    vae-seeds --config configs/mnist.yaml --task 3 --print-overrides              # what Slurm array task 3 adds
+    vae-seeds --config mnist --seeds 5 data.root=../shared/data     # runs/mnist/seed-0 .. seed-4
+    vae-seeds --config smoke --seeds 3 --base-seed 10 run.dir=runs/smoke3
+    vae-seeds --config mnist --seeds 5 --dry-run                     # the commands, nothing run
+    vae-seeds --config mnist --task 3 --print-overrides              # what Slurm array task 3 adds
 
 Seed n trains with `train.seed=n` into `<run.dir>/seed-<n>` (its own lock, checkpoints, metrics and
 `train.log`), in the W&B group `tracking.group` (default: the sweep's name, the last folder of
@@ -36,18 +36,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vae_dist.config import Config, ConfigError, load_config
+from vae_dist.config import Config, load_config
+from vae_dist.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED, BadInput
 from vae_dist.pipes import quiet_when_the_reader_leaves
 
 EXIT_OK = 0
-EXIT_NOT_ALL_FINISHED = 1
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 75  # as vae-train: a signal stopped the seeds after their checkpoints
-TRAIN_EXITS = {
-    0: "finished",
-    1: "failed",
-    2: "refused its input (nothing trained)",
-    75: "stopped by a signal after a checkpoint: rerun to resume",
+EXIT_NOT_ALL_FINISHED = 1  # a seed did not finish; EXIT_PREEMPTED (as vae-train): a signal stopped the seeds
+TRAIN_EXITS = {  # what vae-train's exit codes mean, in the summary
+    EXIT_OK: "finished",
+    EXIT_FAILED: "failed",
+    EXIT_BAD_INPUT: "refused its input (nothing trained)",
+    EXIT_PREEMPTED: "stopped by a signal after a checkpoint: rerun to resume",
 }
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -67,7 +66,7 @@ class Seed:
         what = TRAIN_EXITS.get(self.exit_code, f"exit {self.exit_code}")
         if self.exit_code is None:
             return "not started (the sweep was stopped first)"
-        if self.exit_code in (1, 2) or self.exit_code not in TRAIN_EXITS:
+        if self.exit_code in (EXIT_FAILED, EXIT_BAD_INPUT) or self.exit_code not in TRAIN_EXITS:
             error = last_error(self.log)
             return f"{what}: {error}" if error else what
         return what
@@ -144,7 +143,7 @@ def plan(cfg: Config, seeds: list[int], parallel: int | None, overrides: list[st
 
 
 def train_command(config: str | None, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "vae_dist.train", *(["--config", config] if config else []), *overrides]
+    return [sys.executable, "-m", "vae_dist.cli.train", *(["--config", config] if config else []), *overrides]
 
 
 class Sweep:
@@ -228,7 +227,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train N seeds of one experiment on this machine: one per GPU at once, or sharing the CPU cores.",
         epilog="Example: vae-seeds --config configs/mnist.yaml --seeds 5 data.root=../shared/data; then vae-results runs/mnist",
     )
-    parser.add_argument("--config", default=None, help="YAML file in configs/ (default: built-in defaults)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file, or the name of a shipped config: mnist, smoke, ... (default: built-in defaults)",
+    )
     parser.add_argument(
         "--seeds", type=int, default=None, help="how many seeds: base-seed, base-seed + 1, ... (default 3)"
     )
@@ -267,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+    except BadInput as err:
         print(f"vae-seeds: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return err.exit_code
     base = cfg.train.seed if args.base_seed is None else args.base_seed
     seeds = [base + args.task] if args.task is not None else [base + i for i in range(args.seeds or 3)]
     if args.print_overrides:

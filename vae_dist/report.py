@@ -1,13 +1,9 @@
-"""What a run reports: the logging window and its one host read, the health check, the train and test
-records (metrics.jsonl, the tracker, the console), the figures, and the summary at the end.
+"""What a run reports: the train and test records (metrics.jsonl, the tracker, the console), the
+figures, and the summary at the end. The numbers come from the logging window (vae_dist.window) and
+the evaluation; this module only writes and shows them.
 
-The window: the steps since the last train record, whose loss sums the step left in device rows
-(`TrainStep.rows`). Every `tracking.log_every_steps` steps, `log_train` reduces those sums over the
-processes together with each step's finiteness, the gradient norm and the fp16 skip count, and
-reads the lot with one device-to-host copy: the only host sync of the interval.
-
-Rank discipline: every method runs on every rank (the reductions are collectives); only the main
-process writes files, prints (other ranks' Console is disabled) and talks to the tracker.
+Rank discipline: every method runs on every rank; only the main process writes files, prints (other
+ranks' Console is disabled) and talks to the tracker.
 """
 
 from __future__ import annotations
@@ -21,26 +17,23 @@ from typing import Any
 
 import torch
 
-from vae_dist.checkpoint import resolve_resume
 from vae_dist.console import Console
+from vae_dist.errors import BadInput
 from vae_dist.figures import FigureDrawer
-from vae_dist.streams import TERMS
-from vae_dist.tracking import MetricsFile, Tracker, start_tracker
+from vae_dist.metrics_file import MetricsFile
+from vae_dist.signals import signal_name
+from vae_dist.tracking import Tracker, start_tracker
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss was NaN/inf for train.max_nonfinite consecutive optimizer steps."""
-
-
-class MetricsFileError(ValueError):
+class MetricsFileError(BadInput, ValueError):
     """metrics.jsonl of a run being resumed is damaged (not a torn last line); the message names the line."""
 
 
-class Metrics:
-    """The logging window, health, records, tracker, figures and summary of one run (see the module docstring)."""
+class Report:
+    """The records file, the tracker, the console, the figures and the summary of one run."""
 
-    def __init__(self, cfg, accelerator, step_fn, run_dir: Path, test_images, test_labels, steps_per_epoch: int):
-        self.cfg, self.acc, self.step_fn = cfg, accelerator, step_fn
+    def __init__(self, cfg, accelerator, run_dir: Path, test_images, test_labels, steps_per_epoch: int):
+        self.cfg, self.acc = cfg, accelerator
         self.is_main = accelerator.is_main_process
         self.run_dir = run_dir
         self.file = MetricsFile(run_dir / "metrics.jsonl")
@@ -50,48 +43,38 @@ class Metrics:
         self.test_images, self.test_labels, self.steps_per_epoch = test_images, test_labels, steps_per_epoch
         self.figures: FigureDrawer | None = None  # main process: from `start` to `close_figures`
         self.best_test_elbo = math.inf
-        # The window: steps window_start[1] + 1 .. step, whose sums are rows of step_fn.rows; its clock
-        # window_start[0] measures training only (end_epoch moves it past evaluation and saving).
-        self.window_start = (time.perf_counter(), 0)
-        self.checked_step = 0  # steps up to this one passed the health check
-        self.nonfinite_run = 0  # consecutive non-finite steps up to checked_step
-        self.resumed_log_every: int | None = None  # the logging interval of the checkpoint resumed from
 
     # ---------------------------------------------------------------- checkpoint contents
     def state_dict(self) -> dict[str, Any]:
-        """The window and the run's records so far; `rows` is this rank's (per-rank in the checkpoint)."""
         return {
             "best_test_elbo": None if math.isinf(self.best_test_elbo) else self.best_test_elbo,
-            "window_start_step": self.window_start[1],
-            "log_every_steps": self.cfg.tracking.log_every_steps,  # rows per rank in trainer.safetensors
-            "nonfinite_run": self.nonfinite_run,
             "tracker_run_id": self.tracker_run_id,
-            "rows": self.step_fn.rows,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the window of the checkpoint. It restarts empty on another process count or logging
-        interval (`rows` missing or of another size): only the train scalars of that one interval then
-        cover fewer steps."""
-        step, rows = state["step"], state.get("rows")
-        if rows is not None and rows.numel() == self.step_fn.rows.numel():
-            self.step_fn.rows.copy_(rows.view_as(self.step_fn.rows))
-            self.step_fn.reset_rows(used=step - state["window_start_step"])
-            self.window_start = (time.perf_counter(), state["window_start_step"])
-        else:
-            self.window_start = (time.perf_counter(), step)
         self.best_test_elbo = math.inf if state["best_test_elbo"] is None else state["best_test_elbo"]
-        self.nonfinite_run, self.checked_step = state["nonfinite_run"], step
         self.tracker_run_id = state["tracker_run_id"]
-        self.resumed_log_every = state.get("log_every_steps")  # the interval that wrote the records so far
 
-    def keep_through(self, step: int, epochs: int = 0, resume_from: Callable[[int], Path | None] | None = None) -> None:
+    def sync(self) -> None:
+        """The records written so far on disk (main process), so that a checkpoint never covers records
+        a crash of the machine could take back."""
+        if self.is_main:
+            self.file.sync()
+
+    def keep_through(
+        self,
+        step: int,
+        epochs: int = 0,
+        resume_from: Callable[[int], Path | None] | None = None,
+        log_every: int | None = None,
+    ) -> None:
         """metrics.jsonl as a run continuing after `step` needs it (main process): the records a
         resumed run will log again are dropped, and so is a torn last line (a process killed while
         writing it), with one warning; a last record without its newline gets one. Raises
         MetricsFileError, before anything is changed, for any other damage, and when records the
         checkpoint covers (steps up to `step`, `epochs` test records) are missing: a resume would
-        leave them out for good. `resume_from(s)`: the newest checkpoint at or before step s, to offer;
+        leave them out for good. `log_every`: the logging interval that wrote
+        the records (the checkpoint's). `resume_from(s)`: the newest checkpoint at or before step s, to offer;
         None for a checkpoint from another run.dir, whose records this file never held (no check)."""
         if not self.is_main:
             return
@@ -107,7 +90,7 @@ class Metrics:
                 f"{err} Repair or delete that line to resume this run, or choose a new run.dir."
             ) from None
         if resume_from is not None:
-            self.check_covered(records, step, epochs, resume_from)
+            self.check_covered(records, step, epochs, resume_from, log_every or self.cfg.tracking.log_every_steps)
         if torn is not None:
             warnings.warn(
                 f"{path}: dropped its last line, torn by a process that stopped while writing it "
@@ -118,14 +101,13 @@ class Metrics:
             self.file.truncate_after(step, epochs)
 
     def check_covered(
-        self, records: list[dict], step: int, epochs: int, resume_from: Callable[[int], Path | None]
+        self, records: list[dict], step: int, epochs: int, resume_from: Callable[[int], Path | None], every: int
     ) -> None:
         """Raise MetricsFileError when the records stop before the checkpoint at `step` (the file lost
         its tail: a damaged disk, a copy from elsewhere): the train record of the last logging window
         the checkpoint closed, and the test record of each of its `epochs` completed epochs, must be there."""
         if step == 0:
             return  # a fresh start: what the file holds is dropped with the steps it covered
-        every = self.resumed_log_every or self.cfg.tracking.log_every_steps
         train = [r["step"] for r in records if r.get("split") == "train" and r.get("step", 0) <= step]
         tested = {r.get("epoch") for r in records if r.get("split") == "test" and r.get("step", 0) <= step}
         due = step - step % every
@@ -149,7 +131,6 @@ class Metrics:
             f"from a copy, or {offer}, or choose a new run.dir."
         )
 
-    # ---------------------------------------------------------------- start and end
     def start(self, run_info: dict[str, Any], epoch: int, step_in_epoch: int, crowded: str | None = None) -> None:
         """The tracker (a resumed run continues its W&B run), the figure worker and the progress bars;
         one line saying what the run trains on, and one warning line when the CPU's cores are
@@ -187,81 +168,15 @@ class Metrics:
     def close_tracker(self) -> None:
         self.tracker.finish()
 
-    # ---------------------------------------------------------------- the window
-    def should_log(self, step: int) -> bool:
-        return step % self.cfg.tracking.log_every_steps == 0
-
-    def log_train(self, step: int, epoch: int, lr: float, kl_weight: float = 1.0) -> None:
-        """Check health and write the train record of the window, with one host read (see the module docstring).
-        `lr` and `kl_weight` are those of the window's last step; `kl_weight` is recorded only when
-        model.kl_warmup_steps > 0 (the records of other runs stay as they were)."""
-        t_start, step_start = self.window_start
-        steps = step - step_start
-        examples = steps * self.step_fn.plan.micro * self.step_fn.plan.accum  # this rank's
-        rows = self.step_fn.rows[:steps]
-        first = self.checked_step - step_start
-        finite = torch.isfinite(rows[first:, 2:]).flatten().to(rows.dtype)  # [recon ok, kl ok] of unchecked steps
-        summed = self.acc.reduce(torch.cat([rows.sum(0), rows.new_tensor([examples]), finite]), reduction="sum")
-        # Identical on every rank (all-reduced gradients and scaler): read, not reduced.
-        same = torch.stack([self.step_fn.grad_norm().float(), self.step_fn.skipped.float()]).to(rows.dtype)
-        n = len(TERMS)
-        values = torch.cat([summed[:n] / summed[n], same, summed[n + 1 :]]).tolist()  # the interval's host read
-        self.check_health(step, [v == self.acc.num_processes for v in values[n + 2 :]])
-        record = {
-            "split": "train",
-            "epoch": epoch,
-            "step": step,
-            **dict(zip(TERMS, values[:n])),
-            "lr": lr,
-            **({"kl_weight": kl_weight} if self.cfg.model.kl_warmup_steps > 0 else {}),
-            "grad_norm": values[n],
-            "fp16_skipped_steps": int(values[n + 1]),
-            "examples_per_s": steps * self.cfg.train.batch_size / max(time.perf_counter() - t_start, 1e-9),
-        }
-        self.step_fn.reset_rows()
-        self.window_start = (time.perf_counter(), step)
+    # ---------------------------------------------------------------- train records
+    def log_train(self, record: dict[str, Any], steps: int) -> None:
+        """The train record of a logging window of `steps` steps (vae_dist.window)."""
         if self.is_main:
             self.file.write(record)
-            self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "split"}, step=step)
+            self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "split"}, step=record["step"])
         self.console.advance_steps(
-            steps, f"step {step}  elbo {record['elbo']:.2f}  {record['examples_per_s']:.0f} ex/s"
+            steps, f"step {record['step']}  elbo {record['elbo']:.2f}  {record['examples_per_s']:.0f} ex/s"
         )
-
-    def check_before_save(self, step: int) -> None:
-        """The health check of the steps not yet checked, before a checkpoint (which never holds
-        diverged weights): agreed by every rank. The records written so far go to disk first, so that a
-        checkpoint never covers records a crash of the machine could take back."""
-        if self.is_main:
-            self.file.sync()
-        first, last = self.checked_step - self.window_start[1], step - self.window_start[1]
-        if last == first:
-            return
-        ok = torch.isfinite(self.step_fn.rows[first:last, 2:]).int()
-        finite = (self.acc.reduce(ok, reduction="sum") == self.acc.num_processes).flatten().tolist()
-        self.check_health(step, finite)
-
-    def check_health(self, step: int, finite: list[bool]) -> None:
-        """Raise when the loss was non-finite for train.max_nonfinite consecutive steps. `finite`: for
-        each step after checked_step up to `step`, [recon ok, kl ok] flattened, agreed by every rank
-        (so that all ranks reach the same verdict, and none waits in a collective for one that raised)."""
-        for i in range(len(finite) // 2):
-            row = finite[2 * i : 2 * i + 2]
-            self.nonfinite_run = 0 if all(row) else self.nonfinite_run + 1
-            if self.nonfinite_run >= self.cfg.train.max_nonfinite:
-                term = " and ".join(t for t, ok in zip(("recon", "kl"), row) if not ok)
-                last = resolve_resume("auto", self.run_dir) if self.run_dir.exists() else None
-                raise NonFiniteLossError(
-                    f"the training loss was not finite for {self.nonfinite_run} consecutive optimizer steps, up to "
-                    f"step {self.checked_step + i + 1} (non-finite term: {term}). The last good weights are in "
-                    f"{last or 'no checkpoint (none was saved yet)'}. Lower optim.lr, set optim.grad_clip, "
-                    "or train in train.precision=no or bf16."
-                )
-        self.checked_step = step
-
-    def pause_clock(self, since: float) -> None:
-        """Train examples/s measures training: its clock stops from `since` (evaluation, pictures, saving) to now."""
-        t_start, step_start = self.window_start
-        self.window_start = (t_start + time.perf_counter() - since, step_start)
 
     # ---------------------------------------------------------------- test records and figures
     def log_test(self, test: dict[str, float], step: int, epoch: int, step_in_epoch: int) -> None:
@@ -302,6 +217,25 @@ class Metrics:
             self.tracker.log_images(images, step=step, drawn_at=drawn_at)
         if finish:
             self.figures = None
+
+    # ---------------------------------------------------------------- what the run says
+    def signal_received(self, signum: int, last_step_ran: bool) -> None:
+        """The first stop signal of the run (recorded by StopSignals): say what happens next."""
+        name = signal_name(signum)
+        if not last_step_ran:
+            self.console.print(f"received {name}: checkpointing after this step, then exiting")
+        else:
+            self.console.print(
+                f"received {name}: the last step has run; finishing the final evaluation, checkpoint and export"
+            )
+
+    def already_finished(self, step: int) -> dict[str, Any]:
+        """A rerun of a finished run: nothing to train, one line saying so."""
+        self.console.print(
+            f"{self.run_dir} holds a finished run ({step} optimizer steps); its model is "
+            f"{self.run_dir / 'model.safetensors'}. Nothing to train: raise train.epochs to train on, or choose a new run.dir."
+        )
+        return {"finished_already": True, "steps": step}
 
     # ---------------------------------------------------------------- the end
     def summary(

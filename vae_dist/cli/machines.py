@@ -1,7 +1,7 @@
 """`accelerate launch` on one machine of several (launch/multi_box.sh runs it), with the network
 settings a multi-machine run needs found here, and its failures told in one sentence.
 
-    python -m vae_dist.machines ACCELERATE-LAUNCH-ARGUMENTS...   # --num_machines N --main_process_ip IP ...
+    python -m vae_dist.cli.machines ACCELERATE-LAUNCH-ARGUMENTS...   # --num_machines N --main_process_ip IP ...
 
 What it adds to `accelerate launch` when --num_machines is above 1:
 - The rendezvous host. torchrun's c10d rendezvous decides whether this machine hosts its store by
@@ -18,8 +18,8 @@ What it adds to `accelerate launch` when --num_machines is above 1:
   never comes ends every other one with one sentence naming how many of how many joined (exit 2),
   where torchrun would end with a `RendezvousTimeoutError` traceback and no count.
 - One sentence, not a traceback, when the training processes fail: they have said why themselves
-  (vae_dist.train), so this exits with their own exit code (76: a process on another machine stopped
-  answering; 75: stopped by a signal; see the README) where `accelerate launch` exits 1.
+  (vae_dist.cli.train), so this exits with their own exit code (76: a process on another machine stopped
+  answering; 75: stopped by a signal; see docs/distributed.md) where `accelerate launch` exits 1.
 - A bounded end after a lost peer. On the far side of a network partition torchrun's agent blocks
   in its own store calls for minutes after its processes have exited 76 (vae_dist.peers); once a
   process says it lost its peer, this launcher exits 76 within PEER_LOST_GRACE_S, whatever the
@@ -39,8 +39,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from vae_dist.peers import EXIT_PEER_LOST, PEER_LOST_FILE_ENV
-from vae_dist.train import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+from vae_dist.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PEER_LOST, EXIT_PREEMPTED, BadInput
+from vae_dist.peers import PEER_LOST_FILE_ENV
 
 JOIN_TIMEOUT_S = 600.0  # torchrun's own default for its rendezvous join
 JOINED_KEY = "vae_dist/machines_joined"
@@ -50,7 +50,7 @@ PEER_LOST_GRACE_S = 10.0  # seconds the agent gets to end by itself after a proc
 TRAIN_EXIT_ORDER = (EXIT_PEER_LOST, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED)
 
 
-class MachinesError(Exception):
+class MachinesError(BadInput):
     """A multi-machine launch that cannot go on; the message is the sentence for the user."""
 
 
@@ -195,7 +195,7 @@ def end_after_lost_peer(note: Path) -> None:
             time.sleep(0.5)
         time.sleep(PEER_LOST_GRACE_S)
         print(
-            f"vae_dist.machines: a training process on this machine lost its peer (its message is above) "
+            f"vae_dist.cli.machines: a training process on this machine lost its peer (its message is above) "
             f"and the launcher's agent did not end within {PEER_LOST_GRACE_S:g} s; exiting {EXIT_PEER_LOST}.",
             file=sys.stderr, flush=True,
         )  # fmt: skip
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             store = join(*prepare(args))
         except MachinesError as err:
-            print(f"vae_dist.machines: error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            print(f"vae_dist.cli.machines: error: {err}", file=sys.stderr)
+            return err.exit_code
     note = Path(tempfile.mkdtemp(prefix="vae_dist-machines-")) / "peer_lost"
     os.environ[PEER_LOST_FILE_ENV] = str(note)  # the training processes inherit it
     end_after_lost_peer(note)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         launch_command(args)
     except Exception as err:  # noqa: BLE001 - the agent's own errors after a lost peer (a dead store host)
         if note.exists():
-            print(f"vae_dist.machines: a training process on this machine lost its peer (its message is "
+            print(f"vae_dist.cli.machines: a training process on this machine lost its peer (its message is "
                   f"above); exiting {EXIT_PEER_LOST}.", file=sys.stderr)  # fmt: skip
             return EXIT_PEER_LOST
         if not isinstance(err, ChildFailedError):
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:  # not one of vae-train's: a crash or a signal; its details are the traceback
             raise
         failed = ", ".join(f"{f.local_rank}: exit {f.exitcode}" for f in err.failures.values())
-        print(f"vae_dist.machines: the training processes on this machine ended (local rank {failed}); "
+        print(f"vae_dist.cli.machines: the training processes on this machine ended (local rank {failed}); "
               "their own message is above.", file=sys.stderr)  # fmt: skip
         return code
     finally:

@@ -1,7 +1,7 @@
 """The GPU check: one command for a person with a GPU, in place, with the Python already there.
 
     make gpu-check ARGS="--data-root /path/to/data"     # the folder holding MNIST/raw/
-    python3 -m vae_dist.gpu_check --data-root ../shared/data --out gpu-check
+    python3 -m vae_dist.cli.gpu_check --data-root ../shared/data --out gpu-check
 
 It runs, from the repository root, each step in a subprocess with a time limit:
   1. the tests marked `cuda` (tests/test_cuda.py; needs pytest);
@@ -41,9 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from vae_dist.errors import EXIT_BAD_INPUT
 from vae_dist.pipes import quiet_when_the_reader_leaves
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the steps run from the repository root
 FLOOR_RATIO = 0.8  # toolkit / graph floor at batch 100
 REFERENCE_WALL_S = 20.0  # the 40-epoch reference experiment, process start to exit
 REFERENCE_ELBO = 138.0  # its final test -ELBO (nats)
@@ -121,7 +122,7 @@ def cuda_tests(out: Path) -> dict:
 
 def bench(out: Path, batch: int, data_root: str) -> dict:
     json_path = out / f"bench_{batch}.json"
-    cmd = [sys.executable, "-m", "vae_dist.bench", "--device", "cuda", "--batch-size", str(batch)]
+    cmd = [sys.executable, "-m", "vae_dist.cli.bench", "--device", "cuda", "--batch-size", str(batch)]
     cmd += ["--steps", str(BENCH_STEPS[batch]), "--repeats", "3", "--no-memory", "--json", str(json_path)]
     r = run(f"bench_{batch}", [*cmd, f"data.root={data_root}"], out, LIMITS_S["bench"])
     if r["code"] == "not run":
@@ -144,7 +145,7 @@ def reference(out: Path, data_root: str | None) -> dict:
     if not data_root or not (Path(data_root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         return {"status": "not run", "why": "no MNIST under --data-root (give the folder holding MNIST/raw/)"}
     run_dir = Path(tempfile.mkdtemp(prefix="vae-gpu-check-"))
-    cmd = [sys.executable, "-m", "vae_dist.train", "--config", "configs/mnist.yaml", f"data.root={data_root}"]
+    cmd = [sys.executable, "-m", "vae_dist.cli.train", "--config", "configs/mnist.yaml", f"data.root={data_root}"]
     cmd += [f"run.dir={run_dir}", "tracking.mode=off", "train.device=cuda"]
     try:
         r = run("reference", cmd, out, LIMITS_S["reference"])
@@ -194,7 +195,7 @@ def two_gpus(out: Path, data_root: str | None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="vae-gpu-check-"))
     have_mnist = data_root and (Path(data_root) / "MNIST" / "raw").is_dir()
     data = data_root if have_mnist else random_mnist(root / "data")
-    args = ["-m", "vae_dist.train", "--config", "configs/mnist.yaml", f"data.root={data}", "train.max_steps=20"]
+    args = ["-m", "vae_dist.cli.train", "--config", "configs/mnist.yaml", f"data.root={data}", "train.max_steps=20"]
     args += ["tracking.mode=off", "tracking.log_every_steps=10", "train.device=cuda"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
     launch += ["--dynamo_backend", "no", "--main_process_port", str(free_port())]
@@ -244,7 +245,7 @@ def iwae_throughput(out: Path, data_root: str | None) -> dict:
     try:
         for estimator in IWAE_ESTIMATORS:
             run_dir = root / estimator
-            cmd = [sys.executable, "-m", "vae_dist.train", "--config", "configs/iwae_paper_iwae.yaml"]
+            cmd = [sys.executable, "-m", "vae_dist.cli.train", "--config", "configs/iwae_paper_iwae.yaml"]
             cmd += [f"data.root={data}", f"run.dir={run_dir}", f"model.estimator={estimator}", "train.device=cuda"]
             cmd += [f"train.max_steps={IWAE_STEPS}", f"tracking.log_every_steps={IWAE_STEPS // 3}", "tracking.mode=off"]
             cmd += ["tracking.images_every_epochs=0", "checkpoint.every_epochs=0"]
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print("gpu-check: error: torch sees no CUDA device; run this on a machine with a GPU.", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     DEADLINE[0] = time.perf_counter() + BUDGET_S
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

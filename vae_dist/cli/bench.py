@@ -1,13 +1,14 @@
 """Training throughput: the original script's loop, a minimal tensor loop, the floor of one step and
 the toolkit, in one process.
 
-    python -m vae_dist.bench data.root=../shared/data                      # CPU, fp32, batch 100
-    python -m vae_dist.bench data.root=../shared/data --batch-size 1000
+    python -m vae_dist.cli.bench data.root=../shared/data                      # CPU, fp32, batch 100
+    python -m vae_dist.cli.bench data.root=../shared/data --batch-size 1000
     vae-bench --device cuda --precision bf16 --json bench.json            # random data if data.root lacks MNIST
 
 Four variants train the same 784-512-256-2 VAE with Adam: the original script's loop, a minimal
 tensor loop, the floor of one step, and the toolkit's Trainer through the loop `fit()` runs (the
-loops and their data: vae_dist.bench_loops). This module times them and reports.
+loops and their data: vae_dist.cli.bench_loops). This module times them; vae_dist.cli.bench_report
+writes the result and its table.
 
 Each variant is built once, warmed up, then timed for `--steps` optimizer steps per repeat, the
 variants alternating (a b c d, b c d a, ...) so that load from other processes spreads over all of
@@ -45,7 +46,6 @@ import importlib
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -55,17 +55,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vae_dist.bench_loops import LOOPS, Context, has_real_data
+from vae_dist.cli.bench_loops import LOOPS, Context, has_real_data
+from vae_dist.cli.bench_report import bench_result, machine, others_cores, render
+from vae_dist.errors import EXIT_BAD_INPUT as EXIT_BAD_INPUT  # what main returns for a BadInput
+from vae_dist.errors import BadInput
 from vae_dist.pipes import quiet_when_the_reader_leaves
 
-EXIT_BAD_INPUT = 2
 VARIANTS = ("original", "minimal", "floor", "toolkit")
-WHAT = {
-    "original": "torchvision MNIST, PIL + ToTensor per example, DataLoader, sigmoid + BCE, .item() per step",
-    "minimal": "split as one float tensor, batches by indexing, .item() per step",
-    "floor": "fused Adam, batch = slice of the permuted split, no per-step sync",
-    "toolkit": "vae_dist Trainer: train_step + after_optimizer_step, as fit() drives them",
-}
 # Modules each variant needs before it builds anything: imported first in a memory probe, so that
 # "peak over imports" counts the variant's data, model and loop, not its libraries.
 IMPORTS = {
@@ -74,6 +70,10 @@ IMPORTS = {
     "floor": ("vae_dist.data",),
     "toolkit": ("vae_dist.trainer",),
 }
+
+
+class BenchInputError(BadInput, ValueError):
+    """An option the bench cannot honour here; the message says what to change."""
 
 
 # ---------------------------------------------------------------- options
@@ -293,12 +293,12 @@ def probe(ctx: Context, name: str) -> dict:
 
 
 def probe_in_subprocess(argv: list[str], name: str) -> dict:
-    """Runs `python -m vae_dist.bench ARGV --probe NAME` and reads the one JSON line it prints."""
+    """Runs `python -m vae_dist.cli.bench ARGV --probe NAME` and reads the one JSON line it prints."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)  # importable even when not installed
+    root = str(Path(__file__).resolve().parents[2])  # the repository: importable even when not installed
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(
-        [sys.executable, "-m", "vae_dist.bench", *argv, "--probe", name],
+        [sys.executable, "-m", "vae_dist.cli.bench", *argv, "--probe", name],
         capture_output=True,
         text=True,
         env=env,
@@ -308,162 +308,82 @@ def probe_in_subprocess(argv: list[str], name: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# ---------------------------------------------------------------- report
-def toolkit_step(trainer) -> str | None:
-    """How the toolkit ran its optimizer step: one CUDA graph, or eager (and why, when graphs were asked for)."""
-    return None if trainer is None else trainer.step_fn.describe()
-
-
-def machine() -> dict:
-    from vae_dist.processes import cpu_model, usable_cores
-
-    return {
-        "cpu": cpu_model(),
-        "cores": usable_cores(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def render(result: dict) -> str:
-    """The markdown table and the ratio line: what the README's Performance section quotes."""
-    s = result["settings"]
-    m = result["machine"]
-    dev = s["device"] if s["device"] == "cpu" else f"{s['device']} ({s['gpu']})"
-    lines = [
-        f"vae_dist bench: {dev}, {m['cpu']}, {m['cores']} cores, {s['threads']} torch threads, torch {s['torch']}",
-        f"precision {s['precision']}, batch {s['batch_size']}, compile {s['compile']}, denormals {s['denormals']}, "
-        f"{s['steps']} steps x {s['repeats']} repeats after {s['warmup']} warm-up steps, data: {s['data']}",
-        *(
-            [f"other processes used at most {s['others_cores_max']:.2f} cores during the timed repeats"]
-            if s["others_cores_max"] is not None
-            else []
-        ),
-        "",
-    ]
-    mem = any("peak_rss_mib" in v for v in result["variants"].values())
-    head = "| variant | what | examples/s (median) | min - max | ms/step |" + (" peak RSS (MiB) |" if mem else "")
-    lines += [head, "| --- | --- | ---: | ---: | ---: |" + (" ---: |" if mem else "")]
-    for name, v in result["variants"].items():
-        what = WHAT[name]
-        if name == "minimal":
-            what += f" ({s['minimal_loss']} loss, {s['minimal_adam']} Adam)"
-        if name == "floor" and s["device"] == "cuda":
-            what += "; the whole step as one CUDA graph" if s["precision"] != "fp16" else "; eager (fp16)"
-        if name == "toolkit" and s.get("toolkit_step"):
-            what += f"; step: {s['toolkit_step']}"
-        row = (
-            f"| {name} | {what} | {v['examples_per_s']:,.0f} | {min(v['runs']):,.0f} - {max(v['runs']):,.0f} "
-            f"| {v['ms_per_step']:.2f} |"
-        )
-        if mem:
-            row += f" {v['peak_rss_mib']:,.0f} |" if "peak_rss_mib" in v else " |"
-        lines.append(row)
-    if result["ratios"]:
-        lines += ["", "  ".join(f"{k}: {v:.2f}x" for k, v in result["ratios"].items())]
-        lines += [
-            "median of per-repeat ratios: "
-            + "  ".join(f"{k} {v:.2f}x" for k, v in result["median_repeat_ratios"].items())
-        ]
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- entry point
-@quiet_when_the_reader_leaves
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    problems = check_args(args)
-    if problems:
-        print(f"vae-bench: error: {' '.join(problems)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+def set_up_torch(args: argparse.Namespace):
+    """The torch.device the bench runs on; torch's thread count and subnormal mode set once for every variant."""
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks: the Trainer picks CUDA whenever it sees one
     import torch
 
-    from vae_dist.config import ConfigError
-    from vae_dist.data import DataError
-
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("vae-bench: error: --device cuda but torch sees no CUDA device; use --device cpu.", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise BenchInputError("--device cuda but torch sees no CUDA device; use --device cpu.")
     if args.device == "cpu" and torch.cuda.is_available():
-        print("vae-bench: error: could not hide CUDA; run with CUDA_VISIBLE_DEVICES= set.", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        raise BenchInputError("could not hide CUDA; run with CUDA_VISIBLE_DEVICES= set.")
     if args.threads is None:
         args.threads = machine()["cores"]
     # Before any parallel work: torch's worker threads copy this flag from the main thread when they
     # are created, and a later call reaches the main thread only.
     torch.set_flush_denormal(args.denormals == "flush")
     torch.set_num_threads(args.threads)  # the same count for every variant (the Trainer gets it as cpu_threads)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    with tempfile.TemporaryDirectory(prefix="vae-bench-") as run_dir:
-        try:
-            cfg = bench_config(args, run_dir)
-            ctx = Context(cfg=cfg, device=device, args=args, real=has_real_data(cfg.data))
-            if args.probe:
-                print(json.dumps(probe(ctx, args.probe)))
-                return 0
-            names = [v for v in VARIANTS if v in {x.strip() for x in args.variants.split(",")}]
-            if "original" in names and importlib.util.find_spec("torchvision") is None:
-                # A GPU machine's own Python may lack it; the other variants do not need it.
-                names.remove("original")
-                print("vae-bench: original: not run, torchvision is not installed", file=sys.stderr, flush=True)
-            print(f"vae-bench: {device.type}, data: {ctx.data_label()}", file=sys.stderr, flush=True)
-            variants = time_variants(ctx, names)
-        except (ConfigError, DataError) as err:
-            print(f"vae-bench: error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
 
-    threads = torch.get_num_threads()
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    others = [o for v in variants.values() for o in v["others_cores"] if o is not None]
+def chosen_variants(args: argparse.Namespace) -> list[str]:
+    """The variants --variants names, in VARIANTS order, less the original where torchvision is missing."""
+    names = [v for v in VARIANTS if v in {x.strip() for x in args.variants.split(",")}]
+    if "original" in names and importlib.util.find_spec("torchvision") is None:
+        # A GPU machine's own Python may lack it; the other variants do not need it.
+        names.remove("original")
+        print("vae-bench: original: not run, torchvision is not installed", file=sys.stderr, flush=True)
+    return names
+
+
+def load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def warn_if_crowded(variants: dict[str, dict]) -> None:
+    """One line on stderr when other processes took more than 0.1 core during a timed repeat."""
+    others = others_cores(variants)
     if others and max(others) > 0.1:
         print(
             f"vae-bench: warning: other processes used up to {max(others):.2f} cores during the timed repeats "
             f"(in {sum(o > 0.1 for o in others)} of {len(others)}); rerun on an idle machine for numbers to quote.",
             file=sys.stderr,
         )
+
+
+@quiet_when_the_reader_leaves
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        problems = check_args(args)
+        if problems:
+            raise BenchInputError(" ".join(problems))
+        device = set_up_torch(args)
+        load_before = load_average()
+        with tempfile.TemporaryDirectory(prefix="vae-bench-") as run_dir:
+            cfg = bench_config(args, run_dir)
+            ctx = Context(cfg=cfg, device=device, args=args, real=has_real_data(cfg.data))
+            if args.probe:
+                print(json.dumps(probe(ctx, args.probe)))
+                return 0
+            names = chosen_variants(args)
+            print(f"vae-bench: {device.type}, data: {ctx.data_label()}", file=sys.stderr, flush=True)
+            variants = time_variants(ctx, names)
+    except BadInput as err:  # an option, the config or the data
+        print(f"vae-bench: error: {err}", file=sys.stderr)
+        return err.exit_code
+    import torch
+
+    threads, load_after = torch.get_num_threads(), load_average()
+    warn_if_crowded(variants)
     if not args.no_memory:
         for name in names:
             print(f"  {name}: measuring peak memory in a fresh process", file=sys.stderr, flush=True)
             variants[name].update(probe_in_subprocess(argv, name))
-    ratios, repeat_ratios = {}, {}
-    if "toolkit" in variants:
-        for other in ("original", "minimal", "floor"):
-            if other in variants:
-                ratios[f"toolkit/{other}"] = variants["toolkit"]["examples_per_s"] / variants[other]["examples_per_s"]
-                # Repeat r of both ran back to back under the same load: their ratio is the steadier number.
-                pairs = zip(variants["toolkit"]["runs"], variants[other]["runs"])
-                repeat_ratios[f"toolkit/{other}"] = statistics.median(t / o for t, o in pairs)
-    result = {
-        "settings": {
-            "device": device.type,
-            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-            "precision": args.precision,
-            "batch_size": args.batch_size,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "compile": args.compile,
-            "threads": threads,
-            "minimal_loss": args.minimal_loss,
-            "minimal_adam": args.minimal_adam,
-            "data": ctx.data_label(),
-            "real_data": ctx.real,
-            "torch": torch.__version__,
-            "denormals": args.denormals,
-            "load_average": [load_before, load_after],  # 1-minute, before and after the timing
-            "others_cores_max": max(others) if others else None,
-            "toolkit_step": toolkit_step(ctx.trainer),
-        },
-        "machine": machine(),
-        "variants": variants,
-        "ratios": ratios,
-        "median_repeat_ratios": repeat_ratios,
-    }
+    result = bench_result(args, ctx, variants, threads, [load_before, load_after])
     print(render(result))
     print(json.dumps(result))
     if args.json:

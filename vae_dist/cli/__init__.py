@@ -1,0 +1,2 @@
+"""The command-line programs: each parses its arguments, calls the library (vae_dist) and maps its
+errors to exit codes (vae_dist.errors)."""
