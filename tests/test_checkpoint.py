@@ -161,6 +161,30 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+def test_a_checkpoint_of_a_newer_format_is_refused_by_name(ckpt_overrides: list[str], tmp_path: Path) -> None:
+    """A checkpoint a newer vae_dist wrote (a higher format in state.json, its manifest intact) is one
+    sentence naming the formats, before any part of it whose layout may have changed is read."""
+    run = tmp_path / "run"
+    train_in_process(ckpt_overrides)
+    newest = run / "checkpoints" / "step-00000016"
+    state = json.loads((newest / "state.json").read_text())
+    assert state["format"] == ckpt_mod.FORMAT
+    del state["optimizer_param_groups"]  # a layout this release cannot read
+    (newest / "state.json").write_text(json.dumps({**state, "format": ckpt_mod.FORMAT + 1}))
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {
+        "size": (newest / "state.json").stat().st_size,
+        "sha256": ckpt_mod._sha256(newest / "state.json"),
+    }
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    assert verify(newest) is None
+    reset_accelerate()
+    with pytest.raises(CheckpointError) as err:
+        Trainer(load_config(None, ckpt_overrides + [f"train.resume={newest}"]))
+    assert f"{newest} was written by a newer vae_dist (checkpoint format {ckpt_mod.FORMAT + 1}" in str(err.value)
+    assert "upgrade vae_dist" in str(err.value)
+
+
 def write_torch_pickle(path: Path, fmt: str) -> None:
     """What torch.save writes: a zip archive (the default) or a raw pickle (the legacy format)."""
     torch.save({"w": torch.zeros(3)}, path, _use_new_zipfile_serialization=fmt == "zip")

@@ -39,10 +39,10 @@ class BatchPlan:
         """This rank's indices for every step of `epoch`: int64 [steps, accum, micro] on the device."""
         g = torch.Generator().manual_seed(seed_for(self.seed, ORDER_STREAM, epoch))
         order = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch_size]
-        mine = order.view(self.steps_per_epoch, self.accum, self.world, self.micro)[:, :, self.rank]
-        return mine.contiguous().to(self.device)
+        ours = order.view(self.steps_per_epoch, self.accum, self.world, self.micro)[:, :, self.rank]
+        return ours.contiguous().to(self.device)
 
-    def mine(self, batch: torch.Tensor) -> torch.Tensor:
+    def this_rank(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's rows [accum, micro, ...] of a tensor [G, ...] drawn for the whole global batch."""
         return batch.view(self.accum, self.world, self.micro, *batch.shape[1:])[:, self.rank]
 

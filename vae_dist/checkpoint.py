@@ -6,7 +6,7 @@ resume it gets back only its own part, so two components can never clash on a ke
 namespaced states, litgpt's `state = {...}`). Its JSON-able values go to state.json under
 "components", its tensors (this rank's) to trainer.safetensors as `name.key`, gathered over the
 ranks. A checkpoint written before the components were named (format 2 and older: one flat dict)
-resumes too: `legacy_parts` hands each component the keys it wrote then.
+resumes too: `component_parts` hands each component the keys it wrote then (`LEGACY_KEYS`).
 
 The files, and how they are written and verified: vae_dist.checkpoint_files.
 """
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from vae_dist.checkpoint_files import (  # noqa: F401  (re-exported: the rest of the toolkit reads checkpoints here)
+    FORMAT,
     PREFIX,
     CheckpointError,
     CheckpointWriteError,
@@ -36,8 +37,6 @@ from vae_dist.checkpoint_files import (  # noqa: F401  (re-exported: the rest of
 )
 from vae_dist.checkpoint_writer import CheckpointWriter  # noqa: F401  (re-exported)
 from vae_dist.config import ConfigError
-
-FORMAT = 3  # 3: each component's state under its own name; 2: data order from BatchPlan, window rows
 
 
 # ------------------------------------------------------------------ the manager
@@ -204,7 +203,7 @@ class CheckpointManager:
         ckpt = load_checkpoint(path)
         s = ckpt.state
         check_same_batch(s, cfg.train.batch_size, path)
-        self.check_version(s, path)
+        self.warn_if_older(s, path)
         model = acc.unwrap_model(self.model)
         check_model_shapes(model.state_dict(), ckpt.model, path / "model.safetensors")
         model.load_state_dict(ckpt.model)
@@ -227,14 +226,10 @@ class CheckpointManager:
         return lambda step: latest_valid(self.run_dir, warn=False, at_most=step)
 
     @staticmethod
-    def check_version(state: dict[str, Any], path: Path) -> None:
-        """Refuse a checkpoint of a newer format; warn where an older one cannot resume bit-exactly."""
+    def warn_if_older(state: dict[str, Any], path: Path) -> None:
+        """Warn where a checkpoint of an older format cannot resume bit-exactly (a newer one is refused
+        by load_checkpoint)."""
         found = state.get("format", 1)
-        if found > FORMAT:
-            raise CheckpointError(
-                f"{path} was written by a newer vae_dist (checkpoint format {found}; this one reads up to "
-                f"{FORMAT}); resume it with that release, or upgrade vae_dist."
-            )
         if found < 2 and state["step_in_epoch"] > 0:
             warnings.warn(
                 f"{path} was written by vae_dist before the batch plan of vae_dist.step (checkpoint format "

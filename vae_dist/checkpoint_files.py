@@ -44,6 +44,8 @@ from vae_dist.errors import EXIT_FAILED, BadInput
 from vae_dist.files import pickle_refusal
 from vae_dist.model_files import state_problems
 
+# 3: each component's state under its own name; 2: data order from the batch plan, window rows.
+FORMAT = 3
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
@@ -337,6 +339,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     """Read a verified checkpoint (safetensors + JSON only)."""
     try:
         state = json.loads((path / "state.json").read_text())
+        if state.get("format", 1) > FORMAT:  # before anything whose layout a newer format may change
+            raise CheckpointError(
+                f"{path} was written by a newer vae_dist (checkpoint format {state['format']}; this one reads up "
+                f"to {FORMAT}); resume it with that release, or upgrade vae_dist."
+            )
         model = load_file(str(path / "model.safetensors"))
         opt = optimizer_from_tensors(
             load_file(str(path / "optimizer.safetensors")), state.pop("optimizer_param_groups")

@@ -1,6 +1,6 @@
 """`<run.dir>/metrics.jsonl`: one JSON object per line, the record of a run that needs no tracker.
 
-Written by the main process (metrics.py), read back by a resumed run, the figures and the results
+Written by the main process (vae_dist.report), read back by a resumed run, the figures and the results
 tables. A line torn by a killed process is dropped on reading; any other damage is an error that
 names the line.
 """

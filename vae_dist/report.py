@@ -61,7 +61,7 @@ class Report:
         if self.is_main:
             self.file.sync()
 
-    def keep_through(
+    def keep_records_through(
         self,
         step: int,
         epochs: int = 0,
@@ -131,18 +131,20 @@ class Report:
             f"from a copy, or {offer}, or choose a new run.dir."
         )
 
-    def start(self, run_info: dict[str, Any], epoch: int, step_in_epoch: int, crowded: str | None = None) -> None:
+    def start(
+        self, run_info: dict[str, Any], epoch: int, step_in_epoch: int, oversubscribed: str | None = None
+    ) -> None:
         """The tracker (a resumed run continues its W&B run), the figure worker and the progress bars;
         one line saying what the run trains on, and one warning line when the CPU's cores are
-        oversubscribed (`crowded`, from each machine's first process: vae_dist.processes)."""
+        oversubscribed (the warning, from each machine's first process: vae_dist.processes)."""
         self.console.print(
             f"training on {run_info['device']} ({run_info['processor']}), {run_info['num_processes']} process(es), "
             f"precision {run_info['precision']}"
         )
-        if crowded and self.is_main:  # on stdout with the run's other lines: stderr says what stopped a run
-            self.console.print(f"warning: {crowded}")
-        elif crowded:  # the first process of another machine: its console is off
-            print(f"warning: {crowded}", flush=True)
+        if oversubscribed and self.is_main:  # on stdout with the run's other lines: stderr says what stopped a run
+            self.console.print(f"warning: {oversubscribed}")
+        elif oversubscribed:  # the first process of another machine: its console is off
+            print(f"warning: {oversubscribed}", flush=True)
         self.tracker = start_tracker(self.cfg, self.acc, self.run_dir, self.tracker_run_id, run_info)
         self.tracker_run_id = self.tracker.run_id or self.tracker_run_id
         if self.is_main:
@@ -229,7 +231,7 @@ class Report:
                 f"received {name}: the last step has run; finishing the final evaluation, checkpoint and export"
             )
 
-    def already_finished(self, step: int) -> dict[str, Any]:
+    def nothing_to_train(self, step: int) -> dict[str, Any]:
         """A rerun of a finished run: nothing to train, one line saying so."""
         self.console.print(
             f"{self.run_dir} holds a finished run ({step} optimizer steps); its model is "

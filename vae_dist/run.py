@@ -82,21 +82,21 @@ def build_state(cfg: Config) -> tuple[PartialState, str | None]:
     # dist.timeout_s bounds every collective (gloo's own default is 30 minutes); see vae_dist.peers.
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=cfg.dist.timeout_s))
     check_launch(state.num_processes)
-    crowded = None
+    oversubscribed = None
     if state.device.type == "cpu":
         if cfg.train.cuda_graphs == "on":
             raise ConfigError(
                 "train.cuda_graphs=on but this run trains on the CPU; use train.cuda_graphs=auto or off, "
                 "or run where torch sees a GPU."
             )
-        crowded = set_cpu_threads(cfg.train.cpu_threads, state.num_processes)
+        oversubscribed = set_cpu_threads(cfg.train.cpu_threads, state.num_processes)
         # After ~700 steps, Adam's first moment of weights that almost never get a gradient (MNIST's
         # black border pixels, dead ReLU units) decays into float32's subnormal range, where every x86
         # operation on it is many times slower: a CPU run loses ~40% of its speed for no accuracy.
         # Worker threads copy this mode from the main thread when they start, so it is set before
         # the first parallel operation of `vae-train`.
         torch.set_flush_denormal(cfg.train.flush_denormal)
-    return state, crowded
+    return state, oversubscribed
 
 
 # The files a run writes at the top of run.dir, and what each holds.
@@ -152,7 +152,18 @@ class Run:
         self.signals = signals or StopSignals()
         self.own_signals = False
         self.resources.callback(self.uninstall_own_signals)
-        state, self.crowded = build_state(cfg)  # crowded: said when training starts (Report.start)
+        self.cfg, self.ended, self.is_main = cfg, False, False
+        self.dir = Path(cfg.run.dir)
+        self.new_dir = not self.dir.exists()
+        try:
+            self.start_up(cfg)
+        except BaseException:  # refused (or stopped) during start-up: released as at any other end
+            self.end()
+            raise
+
+    def start_up(self, cfg: Config) -> None:
+        """The process group and the Accelerator; run.dir locked; the flag group and the heartbeat."""
+        state, self.oversubscribed = build_state(cfg)  # a warning, said when training starts (Report.start)
         self.accum, self.micro = cfg.train.batch_split(state.num_processes)  # a ConfigError names the numbers to change
         self.accelerator = accelerator = Accelerator(
             cpu=state.device.type == "cpu",
@@ -164,16 +175,8 @@ class Run:
             # step on the 2-core CPU, and racy with other threads).
         )
         self.hold("the process group", self.destroy_process_group)
-        self.cfg = cfg
         self.is_main = accelerator.is_main_process
-        self.dir = Path(cfg.run.dir)
-        self.new_dir = not self.dir.exists()
-        self.ended = False
-        try:
-            self.lock = self.on_main(lambda: lock_run_dir(self.dir))
-        except BaseException:  # refused (or stopped) before the run holds anything but its process group
-            self.end()
-            raise
+        self.lock = self.on_main(lambda: lock_run_dir(self.dir))
         # The ranks agree on stop flags over a gloo group of their own: on NCCL no GPU stream waits for
         # it, and on gloo it never queues behind DDP's gradient all-reduces.
         several = accelerator.num_processes > 1

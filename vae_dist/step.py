@@ -11,7 +11,7 @@ The batch plan (which examples each micro-batch takes): vae_dist.batches.
 
 The noise contract: the reparameterisation noise (and, with data.binarize=dynamic, the Bernoulli
 draws) of step s is drawn for the whole global batch from a generator seeded by (train.seed, s), and
-each rank takes the rows of its examples, the positions above. So an example's noise depends on
+each rank takes the rows of its examples (their positions in the batch plan). So an example's noise depends on
 (seed, step, position in the global batch) only: 1 process x 100, 2 x 50 and 1 x 50 x 2 end with
 the same parameters, and a resume is exact.
 
@@ -132,9 +132,9 @@ class TrainStep:
         """The whole optimizer step on this rank's pixels [accum, micro, 784] (uint8, or float in
         [0, 1]): what one graph captures."""
         acc, plan = self.acc, self.plan
-        eps = plan.mine(torch.randn(plan.batch_size, self.k, self.z_dim, generator=self.noise, device=acc.device))
+        eps = plan.this_rank(torch.randn(plan.batch_size, self.k, self.z_dim, generator=self.noise, device=acc.device))
         if self.dynamic:
-            u = plan.mine(torch.rand(plan.batch_size, x.shape[-1], generator=self.noise, device=acc.device))
+            u = plan.this_rank(torch.rand(plan.batch_size, x.shape[-1], generator=self.noise, device=acc.device))
         # Gradients persist across graphed steps (zeroed here, inside the graph); eagerly they are
         # dropped and re-created by the first backward, which skips a memset of every gradient.
         self.inner.zero_grad(set_to_none=not self.graphs)
@@ -252,8 +252,8 @@ class TrainStep:
         """Load an optimizer state dict, keeping this run's lr (a device tensor on CUDA) and capturable flag."""
         keep = [{"lr": g["lr"], "capturable": g.get("capturable", False)} for g in self.inner.param_groups]
         self.inner.load_state_dict(state)
-        for group, mine in zip(self.inner.param_groups, keep):
-            group.update(mine)
+        for group, kept in zip(self.inner.param_groups, keep):
+            group.update(kept)
         self.lr = math.nan  # the trainer sets it again before the next step
 
     # ---------------------------------------------------------------- capture

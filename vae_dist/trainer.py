@@ -47,11 +47,11 @@ class Trainer:
         self.cfg, clock = cfg, time.perf_counter()
         self.started = started or clock
         self.run = Run(cfg, signals)  # the process group, the Accelerator, run.dir's lock
-        self.accelerator, self.run_dir = self.run.accelerator, self.run.dir
-        # Seconds per start-up phase: imports before the Trainer, process group and devices, data, model.
-        self.startup = {"imports": clock - self.started, "devices": time.perf_counter() - clock}
-        self.step = self.epoch = self.step_in_epoch = 0  # optimizer steps; epochs completed; steps into this one
-        try:
+        try:  # from here every way out, a stop signal included, goes through close()
+            self.accelerator, self.run_dir = self.run.accelerator, self.run.dir
+            # Seconds per start-up phase: imports before the Trainer, process group and devices, data, model.
+            self.startup = {"imports": clock - self.started, "devices": time.perf_counter() - clock}
+            self.step = self.epoch = self.step_in_epoch = 0  # optimizer steps; epochs completed; steps into this one
             self.setup(train, test)
         except BaseException:
             self.close()
@@ -96,7 +96,9 @@ class Trainer:
         resumed = self.checkpoints.resume()
         offer = self.checkpoints.earlier_than(resumed)  # None for a checkpoint of another run.dir
         every = self.window.resumed_log_every
-        self.run.on_main(lambda: self.report.keep_through(self.step, self.epoch, offer, every), MetricsFileError)
+        self.run.on_main(
+            lambda: self.report.keep_records_through(self.step, self.epoch, offer, every), MetricsFileError
+        )
         if resumed and not self.finished():
             self.console.print(
                 f"resumed from {resumed} at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch})"
@@ -123,15 +125,15 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         run_started = time.perf_counter()
-        self.run.start(on_signal=lambda signum: self.report.signal_received(signum, self.trained_out()))
+        self.run.start(on_signal=lambda signum: self.report.signal_received(signum, self.all_steps_taken()))
         if self.finished():
-            return self.report.already_finished(self.step)
+            return self.report.nothing_to_train(self.step)
         info = self.run.info(accumulation_steps=self.run.accum, micro_batch_size=self.run.micro)
-        self.report.start(info, self.epoch, self.step_in_epoch, crowded=self.run.crowded)
+        self.report.start(info, self.epoch, self.step_in_epoch, oversubscribed=self.run.oversubscribed)
         t0, start_step, test = time.perf_counter(), self.step, {}
         self.startup["run.dir and tracker"] = t0 - run_started
         try:
-            while not self.trained_out():
+            while not self.all_steps_taken():
                 self.console.new_epoch(self.epoch, self.steps_per_epoch)
                 self.console.advance_steps(self.step_in_epoch)
                 for _ in self.optimizer_steps():
@@ -141,7 +143,7 @@ class Trainer:
                         break
                 self.close_epoch()
                 test = self.end_epoch()
-                if not self.trained_out() and self.run.stop_agreed():  # a signal during the epoch-end work
+                if not self.all_steps_taken() and self.run.stop_agreed():  # a signal during the epoch-end work
                     return self.preempt()
         finally:
             self.console.stop()
@@ -157,13 +159,13 @@ class Trainer:
             test, step=self.step, start_step=start_step, times=times, info=info, describe=self.step_fn.describe()
         )
 
-    def trained_out(self) -> bool:
+    def all_steps_taken(self) -> bool:
         """No optimizer step is left: all epochs done, or train.max_steps reached."""
         return self.epoch >= self.cfg.train.epochs or self.reached_max_steps()
 
     def finished(self) -> bool:
         """Trained out and exported (a crash between the final checkpoint and the export leaves the export to do)."""
-        return self.trained_out() and (self.run_dir / "model.safetensors").exists()
+        return self.all_steps_taken() and (self.run_dir / "model.safetensors").exists()
 
     def reached_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
@@ -205,7 +207,7 @@ class Trainer:
         test = self.evaluate()
         self.report.log_test(test, self.step, self.epoch, self.step_in_epoch)
         every = self.cfg.tracking.images_every_epochs
-        if self.trained_out() or (every and self.step_in_epoch == 0 and self.epoch % every == 0):
+        if self.all_steps_taken() or (every and self.step_in_epoch == 0 and self.epoch % every == 0):
             self.report.draw_figures(self.accelerator.unwrap_model(self.model), self.step)
         if self.step_in_epoch == 0 and self.checkpoints.due(self.step, epochs_done=self.epoch):
             self.checkpoints.save(self.step)

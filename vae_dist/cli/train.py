@@ -103,9 +103,9 @@ def fit(trainer) -> int:
 
     try:
         summary = trainer.fit()
-    except VaeDistError as err:  # a failed checkpoint write, a diverged loss (exit 1)
+    except VaeDistError as err:  # a failed checkpoint write, a diverged loss: once training began, a failure (1)
         print(f"vae-train: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return EXIT_FAILED
     except (OSError, SafetensorError) as err:  # metrics.jsonl, config.yaml or the export: disk full, permissions
         what = getattr(err, "filename", None) or "a file in run.dir"
         reason = getattr(err, "strerror", None) or str(err)
